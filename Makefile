@@ -1,0 +1,57 @@
+# osteoplan: two commands on a fresh machine — `make run` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+PY := $(BIN)/python
+SAMPLE ?= data_samples
+OUT ?= out
+
+.PHONY: venv run test test-fast bench bench-gpu train train-gpu evaluate samples lint clean
+
+$(BIN)/python:
+	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) (or set PYTHON=...)"; exit 2; }
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: $(BIN)/python requirements.txt requirements-dev.txt pyproject.toml
+	$(BIN)/pip install -q --upgrade pip >/dev/null
+	$(BIN)/pip install -q -r requirements-dev.txt
+	$(BIN)/pip install -q --no-deps -e .
+	@touch $@
+
+venv: $(VENV)/.installed
+
+## The main job: analyse the sample study shipped in data_samples/
+run: venv
+	$(BIN)/osteoplan run $(SAMPLE) -o $(OUT)
+
+test: venv
+	$(BIN)/python -m pytest -q
+
+test-fast: venv
+	$(BIN)/python -m pytest -q -m "not slow"
+
+## Write fresh phantom studies (data_samples/ holds one made this way)
+samples: venv
+	$(BIN)/osteoplan samples -o $(OUT)/samples -n 3
+
+train: venv
+	$(BIN)/osteoplan train --config configs/train.yaml
+
+train-gpu: venv
+	$(BIN)/osteoplan train --config configs/train_gpu.yaml
+
+evaluate: venv
+	$(BIN)/python scripts/evaluate_real.py
+
+bench: venv
+	$(BIN)/python scripts/bench.py
+
+bench-gpu: venv
+	$(BIN)/python scripts/bench.py --device cuda --size 512,512,400
+
+lint: venv
+	$(BIN)/python -m compileall -q pipeline
+
+clean:
+	rm -rf $(OUT) .pytest_cache

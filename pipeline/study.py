@@ -1,0 +1,167 @@
+"""run_study(): the one study function that the CLI, batch, Ray and PACS paths all call.
+
+Volume -> Segmentation -> Lesions -> Recommendations -> writers. Results are written into a
+temporary folder beside the final one and renamed into place, so a killed run never leaves a
+half-written study folder.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from pipeline.config import InferenceConfig, load_inference_config
+from pipeline.errors import InputError
+from pipeline.logs import anon
+from pipeline.types import CanalSummary, Lesion, Recommendation, Segmentation, Volume
+
+log = logging.getLogger("osteoplan.study")
+
+ALL_FORMATS = ("json", "csv", "nifti", "seg", "sr", "html")
+
+
+@dataclass
+class StudyOptions:
+    device: str = "auto"
+    fast: bool = False
+    intent: str = "palliative"
+    model: str | None = None  # bundle name/folder; None = the inference config's
+    inference_config: Path | None = None
+    rules_config: Path | None = None
+    series_uid: str | None = None
+    formats: tuple[str, ...] = ALL_FORMATS
+    deidentify: bool = False
+
+
+@dataclass
+class StudyResult:
+    study_dir: Path
+    report: dict[str, Any]
+    volume: Volume | None = None
+    segmentation: Segmentation | None = None
+    lesions: list[Lesion] = field(default_factory=list)
+    recommendations: list[Recommendation] = field(default_factory=list)
+
+
+class Timer:
+    """Collects wall time per stage (report.json ``timings_s``)."""
+
+    def __init__(self) -> None:
+        self.timings: dict[str, float] = {}
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[name] = round(self.timings.get(name, 0.0) + time.perf_counter() - t0, 4)
+
+
+class StudyRunner:
+    """Holds what is expensive to set up (model weights, configs) across studies.
+
+    Batch workers, Ray actors and the PACS worker create one runner and call ``run`` per study,
+    so weights are loaded once per process, never per case.
+    """
+
+    def __init__(self, options: StudyOptions | None = None) -> None:
+        from pipeline.plan.engine import load_rules
+        from pipeline.segment.segmenter import Segmenter
+
+        self.options = options or StudyOptions()
+        self.config: InferenceConfig = load_inference_config(self.options.inference_config)
+        self.rules = load_rules(self.options.rules_config)
+        self.segmenter = Segmenter.from_bundle(
+            self.options.model or self.config.model, device=self.options.device, config=self.config
+        )
+
+    def run(self, input_path: Path, output_root: Path, options: StudyOptions | None = None,
+            volume: Volume | None = None) -> StudyResult:
+        """Analyse one study. ``volume`` may be pre-loaded (batch prefetch); else it is read here."""
+        from pipeline.io.load import load_input
+        from pipeline.measure.lesions import measure_lesions
+        from pipeline.plan.engine import plan_study
+        from pipeline.report.json_report import build_report
+
+        opts = options or self.options
+        timer = Timer()
+        t_start = time.perf_counter()
+        input_path = Path(input_path)
+        if volume is None:
+            with timer.stage("load"):
+                volume = load_input(input_path, series_uid=opts.series_uid,
+                                    max_voxels=self.config.memory.max_input_voxels)
+        log.info("study %s: volume %s spacing %s", anon(volume.dicom.study_instance_uid if volume.dicom else None),
+                 volume.geometry.shape, tuple(round(s, 3) for s in volume.geometry.spacing))
+        seg = self.segmenter.segment(volume, fast=opts.fast, timer=timer)
+        with timer.stage("measure"):
+            lesions, canal = measure_lesions(volume, seg, self.config.postprocess, self.rules)
+        with timer.stage("plan"):
+            recs = plan_study(lesions, self.rules, intent=opts.intent)
+        if not canal.found:
+            volume.warnings.append("spinal canal not found: distances to the canal could not be measured")
+        report = build_report(volume, seg, lesions, recs, canal, intent=opts.intent, timings=timer.timings,
+                              fast=opts.fast, deidentify=opts.deidentify)
+        study_dir = Path(output_root) / _safe_name(volume.study_key)
+        with timer.stage("write"):
+            _write_outputs(study_dir, volume, seg, lesions, recs, canal, report, opts, timer)
+        report["timings_s"]["total"] = round(time.perf_counter() - t_start, 4)
+        _atomic_json(study_dir / "report.json", report)
+        return StudyResult(study_dir, report, volume, seg, lesions, recs)
+
+
+def run_study(input_path: Path, output_root: Path, options: StudyOptions | None = None,
+              runner: StudyRunner | None = None) -> StudyResult:
+    """Analyse one study end to end. Pass ``runner`` to reuse loaded weights across studies."""
+    runner = runner or StudyRunner(options)
+    return runner.run(input_path, output_root, options)
+
+
+def _safe_name(name: str) -> str:
+    keep = "".join(c if (c.isalnum() or c in ".-_") else "_" for c in name)
+    if not keep.strip("._"):
+        raise InputError("cannot derive an output folder name from the input")
+    return keep[:128]
+
+
+def _atomic_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    with open(tmp, "w") as fh:
+        json.dump(data, fh, indent=2)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _write_outputs(study_dir: Path, volume: Volume, seg: Segmentation, lesions: list[Lesion],
+                   recs: list[Recommendation], canal: CanalSummary, report: dict[str, Any],
+                   opts: StudyOptions, timer: Timer) -> None:
+    """Write every requested output into a temp folder, then swap it into place."""
+    from pipeline.report import writers
+
+    study_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = study_dir.parent / f".{study_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        writers.write_all(tmp, volume, seg, lesions, recs, canal, report, formats=opts.formats,
+                          deidentify=opts.deidentify, timer=timer)
+        _atomic_json(tmp / "report.json", report)
+        if study_dir.exists():
+            old = study_dir.parent / f".{study_dir.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(study_dir, old)
+            os.replace(tmp, study_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, study_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -1,0 +1,110 @@
+"""Training data sources, each yielding (image HU, labels) on the canonical LPS grid at the model spacing.
+
+- ``phantom``: this project's generator (``pipeline.train.phantom``), heavily randomised; a share
+  is drawn with SynthSeg-style contrasts and a share at the coarse (fast) spacing.
+- ``nnunet``: a user's labelled data in the nnU-Net / Medical Segmentation Decathlon layout:
+  ``imagesTr/<case>_0000.nii.gz``, ``labelsTr/<case>.nii.gz``, ``dataset.json``. Their label values
+  are mapped to ours by ``label_map`` (source value -> 0..3), e.g. for VerSe / CTSpine1K every
+  vertebra id -> 3; for Spine-Mets-CT-SEG the lesion labels -> 2. If the source has no canal label
+  and ``derive_canal`` is set, the canal is derived from the vertebra masks (the vertebral foramen:
+  per axial slice, the holes enclosed by bone, see ``derive_canal_from_bone``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+from pipeline.segment.resample import canonical_geometry, to_canonical
+from pipeline.train.phantom import make_phantom
+from pipeline.types import BONE, CANAL, Geometry
+
+log = logging.getLogger("osteoplan.train.data")
+
+
+@dataclass
+class Case:
+    image: np.ndarray  # HU float32 (X, Y, Z) on the canonical grid
+    labels: np.ndarray  # uint8 0..3
+    name: str
+
+
+def phantom_cases(n: int, seed: int, spacing: tuple[float, float, float], fast_spacing: tuple[float, float, float],
+                  shape: tuple[int, int, int], domain_randomise_prob: float, fast_share: float) -> list[Case]:
+    rng = np.random.default_rng(seed)
+    cases = []
+    for idx in range(n):
+        s = int(rng.integers(0, 2**31 - 1))
+        coarse = rng.random() < fast_share
+        sp = np.asarray(fast_spacing if coarse else spacing) * rng.uniform(0.9, 1.1, 3)
+        ph = make_phantom(s, shape=shape, spacing=tuple(sp), orientation="HFS",
+                          domain_randomise=bool(rng.random() < domain_randomise_prob),
+                          n_lesions=int(rng.choice([0, 1, 2, 3, 4], p=[0.1, 0.25, 0.3, 0.2, 0.15])))
+        cases.append(Case(ph.hu.astype(np.float32), ph.labels, f"phantom-{seed}-{idx}"))
+    return cases
+
+
+def derive_canal_from_bone(bone: np.ndarray) -> np.ndarray:
+    """Canal = per-axial-slice holes enclosed by bone (the vertebral foramen), on an LPS-aligned grid.
+
+    Slices where the arch is not closed give no canal; gaps along S are bridged by closing.
+    """
+    canal = np.zeros_like(bone, bool)
+    for k in range(bone.shape[2]):
+        sl = bone[:, :, k]
+        if sl.any():
+            filled = ndimage.binary_fill_holes(sl)
+            canal[:, :, k] = filled & ~sl
+    canal = ndimage.binary_opening(canal, iterations=1)
+    return ndimage.binary_closing(canal, structure=np.ones((1, 1, 5), bool))
+
+
+def nnunet_cases(root: Path, label_map: dict[int, int], spacing: tuple[float, float, float],
+                 derive_canal: bool = False) -> list[Case]:
+    """Read an nnU-Net/MSD folder and resample each case to the canonical grid."""
+    import nibabel as nib
+    import torch
+
+    from pipeline.io.nifti import read_nifti
+
+    root = Path(root)
+    meta = json.loads((root / "dataset.json").read_text()) if (root / "dataset.json").is_file() else {}
+    suffix = meta.get("file_ending", ".nii.gz")
+    cases = []
+    for lab_path in sorted((root / "labelsTr").glob(f"*{suffix}")):
+        case = lab_path.name[: -len(suffix)]
+        img_path = root / "imagesTr" / f"{case}_0000{suffix}"
+        if not img_path.exists():
+            img_path = root / "imagesTr" / f"{case}{suffix}"
+        if not img_path.exists():
+            log.warning("nnU-Net case %s has no image; skipped", case)
+            continue
+        vol = read_nifti(img_path)
+        lab = np.asarray(nib.load(str(lab_path)).dataobj).astype(np.int32)
+        lut = np.zeros(max(int(lab.max()), max(label_map) if label_map else 0) + 1, np.uint8)
+        for src, dst in label_map.items():
+            if src < len(lut):
+                lut[src] = dst
+        mapped = lut[lab]
+        canon = canonical_geometry(vol.geometry, spacing)
+        img = to_canonical(vol.array, vol.geometry, canon)[0, 0].numpy()
+        onehot = torch.from_numpy(np.stack([mapped == c for c in range(4)]).astype(np.float32))[None]
+        lab_c = _resample_onehot(onehot, vol.geometry, canon)
+        if derive_canal and not (lab_c == CANAL).any():
+            canal = derive_canal_from_bone(lab_c == BONE)
+            lab_c[canal & (lab_c == 0)] = CANAL
+        cases.append(Case(img.astype(np.float32), lab_c, case))
+    return cases
+
+
+def _resample_onehot(onehot, geom: Geometry, canon: Geometry) -> np.ndarray:
+    """Resample per-class masks trilinearly and take the argmax (smooth, no aliasing of labels)."""
+    import torch
+
+    out = [to_canonical(onehot[0, c].numpy(), geom, canon)[0, 0] for c in range(onehot.shape[1])]
+    return torch.stack(out).argmax(dim=0).numpy().astype(np.uint8)

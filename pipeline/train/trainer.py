@@ -1,0 +1,292 @@
+"""`osteoplan train`: MONAI training of the 4-class network, checkpoints/resume, TensorBoard, export.
+
+CPU or CUDA (autocast bf16/fp16 on GPU); several GPUs with ``torchrun --nproc_per_node N -m
+pipeline train ...`` (DDP: each rank draws its own phantoms, gradients are averaged).
+Seeded: the same config and seed reproduce the same weights on the same hardware and thread count.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from pipeline.config import REPO_ROOT, read_yaml
+from pipeline.errors import InputError
+
+log = logging.getLogger("osteoplan.train")
+
+
+class PhantomSource(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    n_train: int = Field(96, ge=0)
+    n_val: int = Field(4, ge=0)
+    shape: tuple[int, int, int] = (176, 144, 96)
+    domain_randomise_prob: float = 0.4
+    fast_share: float = 0.25
+
+
+class NnunetSource(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    path: str | None = None
+    label_map: dict[int, int] = Field(default_factory=dict)
+    derive_canal: bool = True
+    repeat: int = Field(1, ge=1, description="how many times each case enters the training pool")
+
+
+class DataConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    phantom: PhantomSource = PhantomSource()
+    nnunet: NnunetSource = NnunetSource()
+    refresh_every: int = Field(0, ge=0, description="regenerate this many phantoms... 0 = never")
+
+
+class TrainConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    seed: int = 0
+    workdir: str = "runs/osteoplan-spine"
+    export_name: str = "osteoplan-spine"
+    version: str = "0.1.0"
+    network: dict[str, Any]
+    target_spacing_mm: tuple[float, float, float] = (1.5, 1.5, 1.5)
+    fast_spacing_mm: tuple[float, float, float] = (3.0, 3.0, 3.0)
+    intensity: dict[str, Any] = Field(default_factory=lambda: {"clip": [-1000, 2000], "scale": 1000.0})
+    patch_size: tuple[int, int, int] = (96, 96, 96)
+    inference_roi: tuple[int, int, int] = (160, 160, 160)
+    batch_size: int = 2
+    max_steps: int = 3000
+    lr: float = 2e-3
+    weight_decay: float = 1e-5
+    class_ratios: tuple[float, float, float, float] = (1.0, 1.0, 3.0, 1.0)
+    val_every: int = 250
+    ckpt_every: int = 100
+    threads: int = 0
+    amp: bool = True
+    data: DataConfig = DataConfig()
+
+
+def load_train_config(path: Path) -> TrainConfig:
+    try:
+        return TrainConfig.model_validate(read_yaml(Path(path)))
+    except InputError:
+        raise
+    except Exception as exc:
+        raise InputError(f"invalid training config {path}: {str(exc).splitlines()[0]}") from None
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def _transforms(cfg: TrainConfig):
+    from monai import transforms as T
+
+    keys = ["image", "label"]
+    return T.Compose([
+        T.RandCropByLabelClassesd(keys, label_key="label", spatial_size=cfg.patch_size, ratios=list(cfg.class_ratios),
+                                  num_classes=4, num_samples=1, allow_smaller=True),
+        T.SpatialPadd(keys, spatial_size=cfg.patch_size, mode="constant", value=0),
+        T.RandFlipd(keys, prob=0.5, spatial_axis=0),
+        T.RandFlipd(keys, prob=0.3, spatial_axis=2),
+        T.RandAffined(keys, prob=0.2, rotate_range=(0.15, 0.15, 0.15), scale_range=(0.12, 0.12, 0.12),
+                      mode=("bilinear", "nearest"), padding_mode="border"),
+        T.Rand3DElasticd(keys, prob=0.05, sigma_range=(5, 8), magnitude_range=(20, 60),
+                         mode=("bilinear", "nearest"), padding_mode="border"),
+        T.RandScaleIntensityd("image", factors=0.15, prob=0.5),
+        T.RandShiftIntensityd("image", offsets=0.08, prob=0.5),
+        T.RandAdjustContrastd("image", gamma=(0.8, 1.25), prob=0.2),
+        T.RandGaussianSmoothd("image", sigma_x=(0.3, 1.0), sigma_y=(0.3, 1.0), sigma_z=(0.3, 1.0), prob=0.2),
+        T.RandGaussianNoised("image", std=0.03, prob=0.4),
+    ])
+
+
+def _normalise_np(hu: np.ndarray, intensity: dict[str, Any]) -> np.ndarray:
+    lo, hi = intensity.get("clip", [-1000, 2000])
+    return ((np.clip(hu, lo, hi) - float(intensity.get("shift", 0.0))) / float(intensity.get("scale", 1000.0))).astype(np.float32)
+
+
+def _build_pool(cfg: TrainConfig, rank: int, cache_dir: Path):
+    from pipeline.train.data import nnunet_cases, phantom_cases
+
+    pc = cfg.data.phantom
+    cache = cache_dir / f"pool-rank{rank}.npz"
+    if cache.is_file():
+        z = np.load(cache)
+        n = int(z["n"])
+        train = [(z[f"i{i}"], z[f"l{i}"]) for i in range(n)]
+        nv = int(z["nv"])
+        val = [(z[f"vi{i}"], z[f"vl{i}"]) for i in range(nv)]
+        log.info("training pool loaded from cache: %d train, %d val", n, nv)
+    else:
+        t0 = time.time()
+        tr = phantom_cases(pc.n_train, cfg.seed * 1000 + rank, cfg.target_spacing_mm, cfg.fast_spacing_mm, pc.shape,
+                           pc.domain_randomise_prob, pc.fast_share)
+        va = phantom_cases(pc.n_val, 10_000_000 + cfg.seed, cfg.target_spacing_mm, cfg.fast_spacing_mm, pc.shape,
+                           0.0, 0.0)
+        train = [(_normalise_np(c.image, cfg.intensity), c.labels) for c in tr]
+        val = [(_normalise_np(c.image, cfg.intensity), c.labels) for c in va]
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        arrays = {"n": len(train), "nv": len(val)}
+        for i, (a, b) in enumerate(train):
+            arrays[f"i{i}"], arrays[f"l{i}"] = a.astype(np.float16), b
+        for i, (a, b) in enumerate(val):
+            arrays[f"vi{i}"], arrays[f"vl{i}"] = a.astype(np.float16), b
+        np.savez(cache, **arrays)
+        log.info("generated %d phantoms in %.0f s", len(train) + len(val), time.time() - t0)
+    if cfg.data.nnunet.path:
+        ns = cfg.data.nnunet
+        user = nnunet_cases(Path(ns.path), ns.label_map, cfg.target_spacing_mm, ns.derive_canal)
+        if not user:
+            raise InputError(f"no labelled cases found in {ns.path} (expected imagesTr/, labelsTr/)")
+        train += [(_normalise_np(c.image, cfg.intensity), c.labels) for c in user] * ns.repeat
+        log.info("added %d nnU-Net cases (x%d)", len(user), ns.repeat)
+    return train, val
+
+
+def dice_per_class(pred: np.ndarray, truth: np.ndarray, classes=(1, 2, 3)) -> dict[int, float]:
+    out = {}
+    for c in classes:
+        p, t = pred == c, truth == c
+        denom = p.sum() + t.sum()
+        out[c] = float(2 * (p & t).sum() / denom) if denom else float("nan")
+    return out
+
+
+def train_from_config(config_path: Path, resume: bool = True, max_steps: int | None = None,
+                      workdir: Path | None = None, export_name: str | None = None) -> Path:
+    """Train, validate, checkpoint and export a bundle. Returns the bundle folder."""
+    from monai.inferers import sliding_window_inference
+    from monai.losses import DiceCELoss
+
+    from pipeline.segment.bundle import build_network
+
+    cfg = load_train_config(config_path)
+    if max_steps is not None:
+        cfg.max_steps = max_steps
+    if export_name:
+        cfg.export_name = export_name
+    work = Path(workdir) if workdir else (REPO_ROOT / cfg.workdir if not Path(cfg.workdir).is_absolute() else Path(cfg.workdir))
+    work.mkdir(parents=True, exist_ok=True)
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    rank = int(os.environ.get("RANK", "0"))
+    if distributed:
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu":
+        torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
+    seed_everything(cfg.seed + rank)
+    train_pool, val_pool = _build_pool(cfg, rank, work / "cache")
+    net = build_network(cfg.network).to(device)
+    model = torch.nn.parallel.DistributedDataParallel(net) if distributed else net
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: 0.05 + 0.95 * 0.5 * (1 + np.cos(np.pi * min(s, cfg.max_steps) / max(cfg.max_steps, 1))))
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, batch=True)
+    use_amp = cfg.amp and device.type == "cuda"
+    amp_dtype = torch.bfloat16 if (use_amp and torch.cuda.is_bf16_supported()) else torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+    ckpt = work / "checkpoint.pt"
+    step, best, history = 0, -1.0, []
+    if resume and ckpt.is_file():
+        state = torch.load(ckpt, map_location=device, weights_only=False)
+        net.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        step, best, history = state["step"], state.get("best", -1.0), state.get("history", [])
+        torch.set_rng_state(state["torch_rng"])
+        np.random.set_state(state["np_rng"])
+        random.setstate(state["py_rng"])
+        log.info("resumed from step %d", step)
+    writer = None
+    if rank == 0:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            writer = SummaryWriter(str(work / "tb"))
+        except ImportError:
+            log.warning("tensorboard not installed: no TensorBoard logs")
+    tf = _transforms(cfg)
+    tf.set_random_state(seed=cfg.seed + rank + step)
+    rng = np.random.default_rng(cfg.seed + rank + step)
+    t0, t_log = time.time(), time.time()
+    model.train()
+    while step < cfg.max_steps:
+        batch_x, batch_y = [], []
+        for _ in range(cfg.batch_size):
+            img, lab = train_pool[int(rng.integers(len(train_pool)))]
+            d = tf({"image": img[None].astype(np.float32), "label": lab[None]})
+            d = d[0] if isinstance(d, list) else d
+            batch_x.append(torch.as_tensor(np.asarray(d["image"]), dtype=torch.float32))
+            batch_y.append(torch.as_tensor(np.asarray(d["label"])))
+        x = torch.stack(batch_x).to(device)
+        y = torch.stack(batch_y).to(device).long()
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+            loss = loss_fn(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        sched.step()
+        step += 1
+        if writer is not None:
+            writer.add_scalar("train/loss", loss.item(), step)
+            writer.add_scalar("train/lr", sched.get_last_lr()[0], step)
+        if rank == 0 and (step % 20 == 0 or step == 1):
+            log.info("step %d/%d loss %.4f (%.2f s/step)", step, cfg.max_steps, loss.item(), (time.time() - t_log) / 20)
+            print(f"step {step}/{cfg.max_steps} loss {loss.item():.4f} {(time.time() - t_log) / 20:.2f}s/step", flush=True)
+            t_log = time.time()
+        if rank == 0 and (step % cfg.val_every == 0 or step == cfg.max_steps) and val_pool:
+            dices = _validate(net, val_pool, cfg, device, sliding_window_inference)
+            mean = float(np.nanmean(list(dices.values())))
+            history.append({"step": step, "dice": dices, "mean": mean, "elapsed_s": time.time() - t0})
+            if writer is not None:
+                for c, v in dices.items():
+                    writer.add_scalar(f"val/dice_{c}", v, step)
+            print(f"validation step {step}: dice canal {dices[1]:.3f} lesion {dices[2]:.3f} bone {dices[3]:.3f}", flush=True)
+            if mean > best:
+                best = mean
+                torch.save(net.state_dict(), work / "best.pt")
+            model.train()
+        if rank == 0 and (step % cfg.ckpt_every == 0 or step == cfg.max_steps):
+            _save_ckpt(ckpt, net, opt, sched, step, best, history)
+    if distributed:
+        torch.distributed.destroy_process_group()
+    if rank != 0:
+        return work
+    from pipeline.train.export import export_bundle
+
+    final_state = net.state_dict()
+    return export_bundle(cfg, final_state, history, work, elapsed_s=time.time() - t0, device=str(device))
+
+
+def _validate(net, val_pool, cfg: TrainConfig, device, swi) -> dict[int, float]:
+    net.eval()
+    scores: dict[int, list[float]] = {1: [], 2: [], 3: []}
+    with torch.inference_mode():
+        for img, lab in val_pool:
+            x = torch.from_numpy(img.astype(np.float32))[None, None].to(device)
+            out = swi(x, roi_size=cfg.inference_roi, sw_batch_size=1, predictor=net, overlap=0.25, mode="gaussian")
+            pred = out[0].argmax(0).cpu().numpy()
+            for c, v in dice_per_class(pred, lab).items():
+                if not np.isnan(v):
+                    scores[c].append(v)
+    return {c: float(np.mean(v)) if v else float("nan") for c, v in scores.items()}
+
+
+def _save_ckpt(path: Path, net, opt, sched, step: int, best: float, history: list) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save({"model": net.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(), "step": step,
+                "best": best, "history": history, "torch_rng": torch.get_rng_state(),
+                "np_rng": np.random.get_state(), "py_rng": random.getstate()}, tmp)
+    os.replace(tmp, path)
+    (path.parent / "history.json").write_text(json.dumps(history, indent=1))
