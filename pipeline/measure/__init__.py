@@ -1,0 +1,1 @@
+"""Measurements: lesion instances, size, type, location and the exact lesion <-> canal distance."""

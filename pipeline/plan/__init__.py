@@ -1,0 +1,1 @@
+"""The rule engine: lesion measurements + configs/rules.yaml -> per-lesion recommendations."""
