@@ -1,0 +1,113 @@
+"""Write the requested output formats of one study into a folder.
+
+Formats: ``json`` (report.json, written by the caller), ``csv`` (lesions.csv), ``nifti``
+(segmentation.nii.gz), ``seg`` (seg.dcm, DICOM SEG), ``sr`` (sr.dcm, TID 1500 SR that references
+seg.dcm), ``html`` (report.html + key_lesion<N>_{axial,sagittal}.png). Each format is timed as
+``write_<fmt>`` in ``report["timings_s"]``. What cannot be written (SEG/SR without DICOM
+source, or when de-identifying) is skipped with a line in ``report["warnings"]``. A failure in
+one of the derived DICOM/HTML writers is logged with its traceback and reported as a warning;
+the other outputs are still written.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Protocol
+
+from pipeline.report import csv_out
+from pipeline.types import CanalSummary, Lesion, Recommendation, Segmentation, Volume
+
+log = logging.getLogger("osteoplan.report")
+
+KNOWN_FORMATS = ("json", "csv", "nifti", "seg", "sr", "html")
+
+
+class _Timer(Protocol):
+    def stage(self, name: str) -> Any: ...
+
+
+def write_all(outdir: Path, volume: Volume, seg: Segmentation, lesions: list[Lesion],
+              recs: list[Recommendation], canal: CanalSummary, report: dict[str, Any], *,
+              formats: tuple[str, ...], deidentify: bool, timer: _Timer) -> None:
+    """Write every format in ``formats`` (see module docstring) into ``outdir``."""
+    outdir = Path(outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
+    fmts = [f for f in KNOWN_FORMATS if f in formats]
+    unknown = sorted(set(formats) - set(KNOWN_FORMATS))
+    if unknown:
+        report["warnings"].append(f"unknown output format(s) ignored: {', '.join(unknown)}")
+    warnings: list[str] = report["warnings"]
+
+    dicom_ok = _dicom_allowed(volume, deidentify, fmts, warnings)
+    seg_ds = None
+    headers = None
+
+    if "csv" in fmts:
+        with timer.stage("write_csv"):
+            csv_out.write_csv(outdir / "lesions.csv", csv_out.lesion_rows(report))
+
+    if "nifti" in fmts:
+        with timer.stage("write_nifti"):
+            from pipeline.io.nifti import write_label_nifti
+
+            write_label_nifti(seg.labels, seg.geometry, outdir / "segmentation.nii.gz")
+
+    if dicom_ok and ("seg" in fmts or "sr" in fmts):
+        with timer.stage("write_seg"):
+            try:
+                from pipeline.report.seg import aligned_to_grid, read_source_headers, write_seg
+
+                headers = read_source_headers(volume)
+                if not aligned_to_grid(headers, volume.geometry):
+                    warnings.append("seg.dcm frames are placed by position only: the analysed grid was "
+                                    "resampled from the source images")
+                seg_ds = write_seg(outdir / "seg.dcm", volume, seg, headers)
+                if "seg" not in fmts:
+                    warnings.append("seg.dcm written because sr.dcm references its segments")
+            except Exception as exc:  # noqa: BLE001 - one failed writer must not lose the others
+                _failed("seg.dcm", exc, warnings)
+
+    if dicom_ok and "sr" in fmts:
+        with timer.stage("write_sr"):
+            if seg_ds is None or headers is None:
+                warnings.append("sr.dcm not written: it needs seg.dcm, which could not be written")
+            elif not report.get("lesions"):
+                log.info("no lesions: sr.dcm not written (a TID 1500 report needs at least one measurement group)")
+            else:
+                try:
+                    from pipeline.report.sr import write_sr
+
+                    write_sr(outdir / "sr.dcm", volume, seg, seg_ds, report, headers)
+                except Exception as exc:  # noqa: BLE001
+                    _failed("sr.dcm", exc, warnings)
+
+    if "html" in fmts:
+        with timer.stage("write_html"):
+            try:
+                from pipeline.report.html import write_html
+
+                write_html(outdir, volume, seg, report)
+            except Exception as exc:  # noqa: BLE001
+                _failed("report.html", exc, warnings)
+
+
+def _dicom_allowed(volume: Volume, deidentify: bool, fmts: list[str], warnings: list[str]) -> bool:
+    wanted = [f for f in ("seg", "sr") if f in fmts]
+    if not wanted:
+        return False
+    names = " and ".join(f"{f}.dcm" for f in wanted)
+    if deidentify:
+        warnings.append(f"{names} not written: DICOM SEG/SR carry patient identity and --deidentify is set")
+        return False
+    if volume.dicom is None or not volume.dicom.files:
+        warnings.append(f"{names} not written: the input is not DICOM (no source images to reference)")
+        return False
+    return True
+
+
+def _failed(name: str, exc: Exception, warnings: list[str]) -> None:
+    log.error("writing %s failed: %s", name, exc, exc_info=True, extra={"file_only": True})
+    first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    log.warning("writing %s failed (%s); details in the log", name, type(exc).__name__)
+    warnings.append(f"{name} not written: {type(exc).__name__}: {first}")
