@@ -46,6 +46,8 @@ evaluate: venv
 
 bench: venv
 	$(BIN)/python scripts/bench.py
+	$(BIN)/python scripts/bench_distance.py
+	$(BIN)/python scripts/bench_batch.py --n 6
 
 bench-gpu: venv
 	$(BIN)/python scripts/bench.py --device cuda --size 512,512,400

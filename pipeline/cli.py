@@ -81,7 +81,7 @@ def samples(
     """Write synthetic spine CT phantoms as DICOM series, with their exact label maps and truth."""
     from pipeline.train.samples import write_samples
 
-    setup_logging(output)
+    setup_logging(None)  # keep the sample folders pure DICOM
     for path in write_samples(output, n=n, seed=seed, size=size):
         typer.echo(str(path))
 
@@ -93,11 +93,15 @@ def train(
     max_steps: Optional[int] = typer.Option(None, help="Override the config's step count."),
     workdir: Optional[Path] = typer.Option(None, help="Override the config's run folder."),
     export: Optional[str] = typer.Option(None, help="Override the bundle name exported under models/."),
+    export_only: bool = typer.Option(False, "--export-only", help="Export the run's newest checkpoint, no training."),
 ) -> None:
     """Train the segmentation network with MONAI and export a model bundle."""
-    from pipeline.train.trainer import train_from_config
+    from pipeline.train.trainer import export_checkpoint, train_from_config
 
     setup_logging(workdir)
+    if export_only:
+        typer.echo(str(export_checkpoint(config, workdir=workdir, export_name=export)))
+        return
     train_from_config(config, resume=resume, max_steps=max_steps, workdir=workdir, export_name=export)
 
 
@@ -134,12 +138,12 @@ _register_optional_commands()
 def main(argv: list[str] | None = None) -> int:
     """Entry point: returns the exit code. No traceback reaches the screen."""
     try:
-        app(args=argv, standalone_mode=False)
-        return 0
+        rc = app(args=argv, standalone_mode=False)
+        return int(rc or 0)
     except SystemExit as exc:  # typer/click exits with an int code
         return int(exc.code or 0)
     except OsteoplanError as exc:
-        log.error("%s: %s", type(exc).__name__, exc)
+        log.error("%s: %s", type(exc).__name__, exc, extra={"file_only": True})
         print(f"osteoplan: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
@@ -153,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         if isinstance(exc, click.exceptions.Abort):
             return 130
-        log.error("internal error\n%s", traceback.format_exc())
+        log.error("internal error\n%s", traceback.format_exc(), extra={"file_only": True})
         print(f"osteoplan: internal error ({type(exc).__name__}); details in {_log_path()}", file=sys.stderr)
         return 4
 

@@ -50,6 +50,7 @@ def setup_logging(outdir: Path | None, level: int = logging.INFO, console_level:
     root.addHandler(fh)
     sh = logging.StreamHandler(sys.stderr)
     sh.setLevel(console_level)
+    sh.addFilter(lambda record: not getattr(record, "file_only", False))
     sh.setFormatter(logging.Formatter("osteoplan: %(levelname)s: %(message)s"))
     sh._osteoplan = True  # type: ignore[attr-defined]
     root.addHandler(sh)

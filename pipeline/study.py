@@ -110,7 +110,7 @@ class StudyRunner:
         if not canal.found:
             volume.warnings.append("spinal canal not found: distances to the canal could not be measured")
         report = build_report(volume, seg, lesions, recs, canal, intent=opts.intent, timings=timer.timings,
-                              fast=opts.fast, deidentify=opts.deidentify)
+                              fast=opts.fast, deidentify=opts.deidentify, rules=self.rules)
         study_dir = Path(output_root) / _safe_name(volume.study_key)
         with timer.stage("write"):
             _write_outputs(study_dir, volume, seg, lesions, recs, canal, report, opts, timer)

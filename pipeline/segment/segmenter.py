@@ -9,7 +9,6 @@ box where the coarse result has foreground.
 from __future__ import annotations
 
 import logging
-import os
 from contextlib import nullcontext
 from typing import Any
 
@@ -58,6 +57,15 @@ def normalise(hu: torch.Tensor, intensity: dict[str, Any]) -> torch.Tensor:
     return (hu.clamp_(lo, hi) - shift) / scale
 
 
+def _size_divisor(network: dict[str, Any]) -> int:
+    """Product of the network's strides: window sizes must be multiples of it."""
+    strides = network.get("args", {}).get("strides", [2, 2, 2, 2])
+    k = 1
+    for s in strides:
+        k *= int(max(s) if isinstance(s, (list, tuple)) else s)
+    return max(k, 1)
+
+
 class Segmenter:
     """Holds the network on its device. Create once per process, call ``segment`` per study."""
 
@@ -65,14 +73,15 @@ class Segmenter:
         self.bundle = bundle
         self.config = config or InferenceConfig()
         self.device = pick_device(device)
-        if self.device.type == "cpu":
-            threads = self.config.threads or os.cpu_count() or 1
-            torch.set_num_threads(threads)
+        # NB: never torch.set_flush_denormal(True) here: FTZ/DAZ makes scipy's cKDTree segfault.
+        if self.device.type == "cpu" and self.config.threads > 0:  # 0: torch's default, or a batch worker's share
+            torch.set_num_threads(self.config.threads)
         self.net = bundle.network.to(self.device).eval()
         md = bundle.metadata
         self.spacing = tuple(float(s) for s in md["target_spacing_mm"])
         self.fast_spacing = tuple(float(s) for s in md.get("fast_spacing_mm", [2 * s for s in self.spacing]))
         self.roi = tuple(int(s) for s in md.get("inference_roi", md.get("patch_size", [96, 96, 96])))
+        self.size_divisor = int(md.get("size_divisor", _size_divisor(md["network"])))
 
     @classmethod
     def from_bundle(cls, name_or_path: str, device: str = "auto", config: InferenceConfig | None = None) -> "Segmenter":
@@ -87,7 +96,8 @@ class Segmenter:
     def predict_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Canonical normalised image (1, 1, X, Y, Z) -> logits (1, C, X, Y, Z) float32 on CPU."""
         sw = self.config.sliding_window
-        roi = tuple(min(r, s) if s >= 16 else r for r, s in zip(self.roi, x.shape[2:]))
+        k = self.size_divisor  # small images: a window just covering them, rounded up to what the net divides by
+        roi = tuple(min(r, -(-s // k) * k) for r, s in zip(self.roi, x.shape[2:]))
         with self._autocast():
             out = sliding_window_inference(
                 x.to(self.device), roi_size=roi, sw_batch_size=sw.sw_batch_size, predictor=self.net,

@@ -1,9 +1,10 @@
 """`osteoplan samples`: phantom studies written as DICOM CT series, with exact truth.
 
-Each study folder holds ``ct/`` (the CT series, shuffled file names and instance numbers),
-``localizer/`` (a scout in the same study, which the loader must pass over), ``truth/labels.npz``
+Each study folder ``<out>/phantomNN/`` holds ``ct/`` (the CT series, shuffled file names and instance
+numbers) and ``localizer/`` (a scout in the same study, which the loader must pass over);
+``<out>/truth/phantomNN/`` holds ``labels.npz``
 (the exact label map on the CT grid with its LPS affine; not NIfTI, so that batch discovery does
-not mistake it for a study) and ``truth/truth.json`` (the lesions as designed: type, site,
+not mistake it for a study) and ``truth.json`` (the lesions as designed: type, site,
 designed surface gap to the canal, radius, centre in LPS).
 """
 
@@ -59,11 +60,12 @@ def write_samples(outdir: Path, n: int = 3, seed: int = 0, size: str = "small") 
                               series_description=f"osteoplan phantom {orientation}")
         write_localizer(study / "localizer", study_uid=src.study_instance_uid,
                         frame_of_reference_uid=src.frame_of_reference_uid)
-        (study / "truth").mkdir(parents=True, exist_ok=True)
-        np.savez_compressed(study / "truth" / "labels.npz", labels=ph.labels, instances=ph.instances,
+        truth_dir = outdir / "truth" / study.name
+        truth_dir.mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(truth_dir / "labels.npz", labels=ph.labels, instances=ph.instances,
                             affine_lps=ph.geometry.affine_lps)
         truth = {"orientation": orientation, "shape": list(shape), "spacing_mm": list(spacing),
                  "study_instance_uid": src.study_instance_uid, "lesions": ph.lesions}
-        (study / "truth" / "truth.json").write_text(json.dumps(truth, indent=2))
+        (truth_dir / "truth.json").write_text(json.dumps(truth, indent=2))
         paths.append(study)
     return paths

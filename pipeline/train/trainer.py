@@ -162,6 +162,31 @@ def dice_per_class(pred: np.ndarray, truth: np.ndarray, classes=(1, 2, 3)) -> di
     return out
 
 
+def export_checkpoint(config_path: Path, workdir: Path | None = None, export_name: str | None = None) -> Path:
+    """Export the newest checkpoint of a run as a bundle without training (e.g. a run still going)."""
+    from pipeline.train.export import export_bundle
+
+    cfg, work = _resolve(config_path, None, workdir, export_name)
+    ckpt = work / "checkpoint.pt"
+    if not ckpt.is_file():
+        raise InputError(f"no checkpoint in {work}")
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    hist = state.get("history", [])
+    hist = hist + [{"step": state["step"], "dice": hist[-1]["dice"] if hist else {}, "note": "exported checkpoint"}]
+    return export_bundle(cfg, state["model"], hist, work, elapsed_s=0.0, device="checkpoint")
+
+
+def _resolve(config_path: Path, max_steps: int | None, workdir: Path | None, export_name: str | None):
+    cfg = load_train_config(config_path)
+    if max_steps is not None:
+        cfg.max_steps = max_steps
+    if export_name:
+        cfg.export_name = export_name
+    work = Path(workdir) if workdir else (REPO_ROOT / cfg.workdir if not Path(cfg.workdir).is_absolute() else Path(cfg.workdir))
+    work.mkdir(parents=True, exist_ok=True)
+    return cfg, work
+
+
 def train_from_config(config_path: Path, resume: bool = True, max_steps: int | None = None,
                       workdir: Path | None = None, export_name: str | None = None) -> Path:
     """Train, validate, checkpoint and export a bundle. Returns the bundle folder."""
@@ -170,13 +195,7 @@ def train_from_config(config_path: Path, resume: bool = True, max_steps: int | N
 
     from pipeline.segment.bundle import build_network
 
-    cfg = load_train_config(config_path)
-    if max_steps is not None:
-        cfg.max_steps = max_steps
-    if export_name:
-        cfg.export_name = export_name
-    work = Path(workdir) if workdir else (REPO_ROOT / cfg.workdir if not Path(cfg.workdir).is_absolute() else Path(cfg.workdir))
-    work.mkdir(parents=True, exist_ok=True)
+    cfg, work = _resolve(config_path, max_steps, workdir, export_name)
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     rank = int(os.environ.get("RANK", "0"))
     if distributed:
@@ -241,9 +260,9 @@ def train_from_config(config_path: Path, resume: bool = True, max_steps: int | N
         if writer is not None:
             writer.add_scalar("train/loss", loss.item(), step)
             writer.add_scalar("train/lr", sched.get_last_lr()[0], step)
-        if rank == 0 and (step % 20 == 0 or step == 1):
-            log.info("step %d/%d loss %.4f (%.2f s/step)", step, cfg.max_steps, loss.item(), (time.time() - t_log) / 20)
-            print(f"step {step}/{cfg.max_steps} loss {loss.item():.4f} {(time.time() - t_log) / 20:.2f}s/step", flush=True)
+        if rank == 0 and (step % 10 == 0 or step == 1):
+            log.info("step %d/%d loss %.4f (%.2f s/step)", step, cfg.max_steps, loss.item(), (time.time() - t_log) / 10)
+            print(f"step {step}/{cfg.max_steps} loss {loss.item():.4f} {(time.time() - t_log) / 10:.2f}s/step", flush=True)
             t_log = time.time()
         if rank == 0 and (step % cfg.val_every == 0 or step == cfg.max_steps) and val_pool:
             dices = _validate(net, val_pool, cfg, device, sliding_window_inference)
