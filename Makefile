@@ -4,7 +4,7 @@ PYTHON ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
 PY := $(BIN)/python
-SAMPLE ?= data_samples
+SAMPLE ?= data_samples/phantom01
 OUT ?= out
 
 .PHONY: venv run test test-fast bench bench-gpu train train-gpu evaluate samples lint clean

@@ -23,6 +23,7 @@ class SlidingWindow(BaseModel):
 class Postprocess(BaseModel):
     model_config = ConfigDict(extra="forbid")
     min_lesion_volume_ml: float = Field(0.05, ge=0.0)
+    require_bone_contact: bool = True
     keep_largest_canal_component: bool = True
     bone_reference_margin_mm: float = Field(20.0, gt=0.0)
 

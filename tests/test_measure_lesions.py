@@ -16,7 +16,7 @@ from pipeline.plan.engine import load_rules
 from pipeline.types import BONE, CANAL, LESION, Lesion
 
 RULES = load_rules()
-POST = Postprocess()
+POST = Postprocess(require_bone_contact=False)  # scenes test measurements, not the bone-contact filter
 SPACING = (0.8, 0.8, 2.0)
 CANAL_AXIS = (0.0, 10.0)  # (L, P): the canal runs along S, posterior of the vertebral body
 CANAL_R = 6.0
@@ -174,7 +174,7 @@ def test_same_absolute_hu_differs_with_age():
 def test_bone_reference_fallbacks():
     s = Scene(bone_hu=180.0)
     s.add_sphere((-40, -20, 0), 3.0, 20.0)  # in soft tissue, > margin from any bone
-    (les,), _ = s.measure(post=Postprocess(bone_reference_margin_mm=3.0))
+    (les,), _ = s.measure(post=Postprocess(bone_reference_margin_mm=3.0, require_bone_contact=False))
     assert les.features["bone_reference_source"] == "all_bone"
     assert les.bone_reference_hu == pytest.approx(180.0, abs=5.0)
     s = Scene(bone=False)
@@ -275,3 +275,26 @@ def test_centre_distance_feature_matches_scipy_edt():
     for m in masks:
         assert by_vox[int(m.sum())].features["centre_distance_to_canal_mm"] == pytest.approx(float(edt[m].min()),
                                                                                               abs=1e-4)
+
+
+def test_lesion_touching_no_bone_is_dropped_when_required():
+    """A bone metastasis lies in bone: a 'lesion' floating in soft tissue is dropped (configurable)."""
+    import numpy as np
+
+    from pipeline.config import Postprocess
+    from pipeline.measure.lesions import measure_lesions
+    from pipeline.plan.engine import load_rules
+    from pipeline.types import Geometry, ModelInfo, Segmentation, Volume
+
+    geom = Geometry(shape=(40, 40, 20), spacing=(1.0, 1.0, 1.0), origin=(0, 0, 0), direction=np.eye(3))
+    labels = np.zeros(geom.shape, np.uint8)
+    labels[5:15, 5:15, 5:15] = 3
+    labels[8:12, 8:12, 8:12] = 2  # inside bone
+    labels[28:33, 28:33, 8:12] = 2  # far from any bone
+    vol = Volume(np.zeros(geom.shape, np.int16), geom)
+    seg = Segmentation(labels, geom, ModelInfo("t", "0", "", (1.0, 1.0, 1.0)))
+    rules = load_rules()
+    kept, _ = measure_lesions(vol, seg, Postprocess(require_bone_contact=True), rules)
+    both, _ = measure_lesions(vol, seg, Postprocess(require_bone_contact=False), rules)
+    assert len(kept) == 1 and len(both) == 2
+    assert kept[0].bbox_ijk[0] == (8, 8, 8)

@@ -83,16 +83,32 @@ def measure_lesions(volume: Volume, seg: Segmentation, post: Postprocess,
     all_bone = functools.lru_cache(maxsize=1)(lambda: all_bone_reference(labels, volume.array, slices[BONE]))
     lesions = [
         _measure_one(i + 1, mask, offset, volume, labels, canal, post, rules, uncertainty, all_bone)
-        for i, (mask, offset) in enumerate(_components(labels, slices[LESION], geom, post.min_lesion_volume_ml))
+        for i, (mask, offset) in enumerate(_components(labels, slices[LESION], geom, post.min_lesion_volume_ml,
+                                                       post.require_bone_contact))
     ]
     for lesion in lesions:
         lesion.solitary = len(lesions) == 1
     return lesions, canal.summary()
 
 
+def _touches_bone(labels: np.ndarray, mask: np.ndarray, offset: tuple[int, int, int]) -> bool:
+    """Does the component (crop ``mask`` at ``offset``) touch bone (label 3) in its 26-neighbourhood?"""
+    lo = [max(o - 1, 0) for o in offset]
+    hi = [min(o + n + 1, s) for o, n, s in zip(offset, mask.shape, labels.shape)]
+    window = labels[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+    padded = np.zeros(window.shape, bool)
+    padded[tuple(slice(o - l, o - l + n) for o, l, n in zip(offset, lo, mask.shape))] = mask
+    return bool((ndimage.binary_dilation(padded, structure=_CUBE) & (window == BONE)).any())
+
+
 def _components(labels: np.ndarray, region: tuple[slice, ...] | None, geom: Geometry,
-                min_volume_ml: float) -> list[tuple[np.ndarray, tuple[int, int, int]]]:
-    """(mask crop, crop offset) of each kept lesion component, largest first."""
+                min_volume_ml: float, require_bone_contact: bool = False
+                ) -> list[tuple[np.ndarray, tuple[int, int, int]]]:
+    """(mask crop, crop offset) of each kept lesion component, largest first.
+
+    With ``require_bone_contact``, components that touch no bone are dropped: a bone metastasis
+    lies in bone, so an isolated "lesion" in soft tissue is a segmentation false positive.
+    """
     if region is None:
         return []
     comp, n = ndimage.label(labels[region] == LESION, structure=_CUBE)
@@ -109,7 +125,11 @@ def _components(labels: np.ndarray, region: tuple[slice, ...] | None, geom: Geom
     for k in order:
         box = boxes[k]
         offset = tuple(r.start + b.start for r, b in zip(region, box))
-        out.append((comp[box] == k + 1, offset))
+        mask = comp[box] == k + 1
+        if require_bone_contact and not _touches_bone(labels, mask, offset):
+            log.info("lesions: dropped a component of %d voxels that touches no bone", int(sizes[k]))
+            continue
+        out.append((mask, offset))
     return out
 
 
