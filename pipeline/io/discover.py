@@ -1,0 +1,490 @@
+"""Find DICOM files and read their headers in one pass (no pixel data).
+
+Rules (README "Input" copies them):
+
+- A folder is walked at any depth (symbolic links to folders are not followed). File names and
+  extensions carry no meaning: every regular file is looked at.
+- A file is read as DICOM when it carries the Part-10 'DICM' marker at byte 128. A file without it
+  is read with pydicom's ``force=True`` only when its first bytes look like a raw little-endian
+  data set (a group 0x0002 or 0x0008 tag first, as in old ACR-NEMA files); anything else is
+  skipped as "not DICOM". Headers are read with ``stop_before_pixels=True``.
+- Skipped, counted by reason and never named (file names may carry patient names): zero-byte
+  files, non-DICOM files, headers that cannot be parsed, images whose file is too short for their
+  own (uncompressed) pixel data (truncated), images with invalid geometry values.
+- Images without SeriesInstanceUID (some anonymisers blank UIDs) are grouped by study UID,
+  SeriesNumber, SeriesDescription, Modality, FrameOfReferenceUID and SeriesTime instead.
+- DICOM objects without pixel data (SR, SEG without frames, DICOMDIR, presentation states...) are
+  kept as non-image objects so the selection can list them as passed over.
+- A multi-frame image (enhanced CT) gives one ``SliceHeader`` per frame from its per-frame and
+  shared functional groups (plane position, plane orientation, pixel measures, pixel value
+  transformation); a multi-frame image without per-frame positions is skipped.
+- For uncompressed little-endian pixel data the byte offset of the pixel values is recorded, so
+  decoding is a plain ``pread`` into the output array.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.uid import UID
+
+import pipeline.io  # noqa: F401  (pydicom configuration)
+
+log = logging.getLogger("osteoplan.io")
+
+NATIVE_LE = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1"}
+CT_SOP_CLASSES = {
+    "1.2.840.10008.5.1.4.1.1.2": "CT Image",
+    "1.2.840.10008.5.1.4.1.1.2.1": "Enhanced CT Image",
+    "1.2.840.10008.5.1.4.1.1.2.2": "Legacy Converted Enhanced CT Image",
+}
+PIXEL_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)
+NO_POSITION = "CT images without ImagePositionPatient/ImageOrientationPatient"
+# Only these elements are parsed (pydicom skips the others' values): about 25 % faster on real headers.
+HEADER_TAGS = [
+    "SOPClassUID", "SOPInstanceUID", "Modality", "ImageType", "StudyInstanceUID", "SeriesInstanceUID",
+    "FrameOfReferenceUID", "SeriesNumber", "SeriesDescription", "SeriesTime", "Rows", "Columns",
+    "NumberOfFrames", "BitsAllocated", "BitsStored", "PixelRepresentation", "SamplesPerPixel",
+    "PhotometricInterpretation", "ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing",
+    "SliceThickness", "RescaleSlope", "RescaleIntercept", "InstanceNumber", "AcquisitionNumber",
+    "PerFrameFunctionalGroupsSequence", "SharedFunctionalGroupsSequence", "DirectoryRecordSequence",
+]
+
+
+@dataclass(frozen=True)
+class SliceHeader:
+    """One 2-D image (a single-frame file, or one frame of a multi-frame file): what loading needs.
+
+    Geometry in DICOM LPS mm. ``pixel_spacing`` is (row spacing, column spacing) as in DICOM,
+    i.e. (step between rows = along the column vector, step between columns = along the row vector).
+    """
+
+    path: Path
+    frame: int | None  # frame index in a multi-frame file, None for a single-frame file
+    n_frames: int
+    study_uid: str
+    series_uid: str  # as in the file; may be empty in badly anonymised data
+    series_key: str  # grouping key: the SeriesInstanceUID, or a stand-in built from other attributes
+    for_uid: str | None
+    sop_uid: str
+    sop_class: str
+    modality: str
+    image_type: tuple[str, ...]
+    series_number: int | None
+    series_description: str
+    rows: int
+    cols: int
+    row_dir: tuple[float, float, float]
+    col_dir: tuple[float, float, float]
+    ipp: tuple[float, float, float]
+    pixel_spacing: tuple[float, float]
+    slice_thickness: float | None
+    slope: float
+    intercept: float
+    has_rescale: bool
+    instance_number: int | None
+    acquisition_number: int | None
+    transfer_syntax: str
+    bits_allocated: int
+    bits_stored: int
+    pixel_representation: int
+    samples_per_pixel: int
+    photometric: str
+    pixel_offset: int | None  # byte offset of native little-endian pixel values, else None
+
+    @property
+    def is_localizer(self) -> bool:
+        return any(v in ("LOCALIZER", "SCOUT", "TOPOGRAM", "SURVIEW") for v in self.image_type)
+
+
+@dataclass(frozen=True)
+class OtherObject:
+    """A DICOM object without usable pixel data (listed as passed over)."""
+
+    path: Path
+    series_uid: str
+    modality: str
+    what: str
+
+
+@dataclass
+class Scan:
+    """Everything the header pass found."""
+
+    slices: list[SliceHeader] = field(default_factory=list)
+    others: list[OtherObject] = field(default_factory=list)
+    skipped: Counter = field(default_factory=Counter)  # reason -> count
+    n_files: int = 0
+
+    def skipped_summary(self) -> str:
+        return ", ".join(f"{n} {reason}" for reason, n in sorted(self.skipped.items()))
+
+
+# Skip reasons that mean "a DICOM file we could not use", as opposed to "not DICOM at all".
+BROKEN_DICOM = ("unreadable DICOM header", "truncated files", "images with invalid size",
+                "images with invalid geometry values", "images with invalid rescale values",
+                "multi-frame images without per-frame positions", NO_POSITION)
+
+
+class _Skip(Exception):
+    """A file that is not a usable DICOM image; the message is the (identity-free) reason."""
+
+
+def list_files(root: Path) -> list[Path]:
+    """Every regular file under ``root`` (or ``[root]`` for a file), in a stable order."""
+    root = Path(root)
+    if root.is_file():
+        return [root]
+    out: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        dirnames.sort()
+        for name in sorted(filenames):
+            p = Path(dirpath) / name
+            if p.is_file():
+                out.append(p)
+    return out
+
+
+def scan_files(files: Iterable[Path]) -> Scan:
+    """Read the header of every file; sort results into images, other objects and skipped files."""
+    scan = Scan()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for path in files:
+            scan.n_files += 1
+            try:
+                result = read_header(Path(path))
+            except _Skip as exc:
+                scan.skipped[str(exc)] += 1
+                continue
+            except Exception as exc:  # noqa: BLE001 - any parser failure means "unreadable header"
+                log.debug("header read failed: %s: %s", type(exc).__name__, exc)
+                scan.skipped["unreadable DICOM header"] += 1
+                continue
+            if isinstance(result, OtherObject):
+                scan.others.append(result)
+            else:
+                scan.slices.extend(result)
+    if scan.skipped:
+        log.info("skipped %d of %d files: %s", sum(scan.skipped.values()), scan.n_files, scan.skipped_summary())
+    return scan
+
+
+def _sniff(head: bytes) -> bool | None:
+    """True: Part-10 file; False: raw data set that is safe to force-read; None: not DICOM."""
+    if len(head) >= 132 and head[128:132] == b"DICM":
+        return True
+    if len(head) >= 8 and head[0:2] in (b"\x02\x00", b"\x08\x00"):
+        elem = struct.unpack("<H", head[2:4])[0]
+        if elem < 0x0100:
+            vr = head[4:6]
+            if vr.isalpha() and vr.isupper():
+                return False
+            length = struct.unpack("<I", head[4:8])[0]
+            if length < 0x10000:
+                return False
+    return None
+
+
+def read_header(path: Path) -> list[SliceHeader] | OtherObject:
+    """Header of one file -> its image slices (one per frame) or a non-image object; raises _Skip."""
+    try:
+        size = path.stat().st_size
+    except OSError:
+        raise _Skip("unreadable files") from None
+    if size == 0:
+        raise _Skip("empty files")
+    with open(path, "rb") as fh:
+        kind = _sniff(fh.read(132))
+        if kind is None:
+            raise _Skip("non-DICOM files")
+        fh.seek(0)
+        raw_ds = pydicom.dcmread(fh, stop_before_pixels=True, force=not kind, specific_tags=HEADER_TAGS)
+        pixel_pos = fh.tell()
+        fh.seek(pixel_pos)
+        pixel_head = fh.read(12)
+    ds = _Header(raw_ds)
+    if "SOPClassUID" not in ds and "Modality" not in ds and "Rows" not in ds:
+        raise _Skip("non-DICOM files")
+    tag = struct.unpack("<HH", pixel_head[:4]) if len(pixel_head) >= 4 else None
+    has_pixels = tag is not None and ((tag[0] << 16) | tag[1]) in PIXEL_TAGS
+    modality = str(ds.get("Modality", "") or "").upper()
+    series_uid = str(ds.get("SeriesInstanceUID", "") or "")
+    sop_class = str(ds.get("SOPClassUID", "") or "")
+    if not has_pixels and ("Rows" in ds or "ImagePositionPatient" in ds or sop_class in CT_SOP_CLASSES):
+        raise _Skip("truncated files")  # an image whose file ends before (or inside) its pixel data
+    if not has_pixels or "Rows" not in ds:
+        what = UID(sop_class).name if sop_class else "no pixel data"
+        if "DirectoryRecordSequence" in ds:
+            what = "DICOMDIR"
+        return OtherObject(path, series_uid, modality or "?", f"not an image ({what})")
+    series_key = series_uid or _fallback_series_key(ds)
+    implicit, little = _encoding(raw_ds)
+    ts = str(getattr(getattr(raw_ds, "file_meta", None), "TransferSyntaxUID", "") or "")
+    if not ts:
+        ts = "1.2.840.10008.1.2" if (implicit and little) else ("1.2.840.10008.1.2.1" if little else "1.2.840.10008.1.2.2")
+    rows, cols = _int(ds, "Rows"), _int(ds, "Columns")
+    if not rows or not cols or rows <= 0 or cols <= 0:
+        raise _Skip("images with invalid size")
+    n_frames = _int(ds, "NumberOfFrames") or 1
+    bits_allocated = _int(ds, "BitsAllocated") or 16
+    samples = _int(ds, "SamplesPerPixel") or 1
+    frame_bytes = (rows * cols * samples * bits_allocated + 7) // 8
+    expected = (rows * cols * n_frames * samples * bits_allocated + 7) // 8
+    pixel_offset = _native_offset(pixel_head, pixel_pos, implicit, little, ts)
+    if pixel_offset is not None:
+        declared = _declared_length(pixel_head, implicit)
+        if declared < expected or size < pixel_offset + expected:
+            raise _Skip("truncated files")
+    elif ts in NATIVE_LE and len(pixel_head) < 12:
+        raise _Skip("truncated files")
+    common: dict[str, Any] = dict(
+        path=path, n_frames=n_frames,
+        study_uid=str(ds.get("StudyInstanceUID", "") or ""), series_uid=series_uid, series_key=series_key,
+        for_uid=str(ds.get("FrameOfReferenceUID", "") or "") or None,
+        sop_uid=str(ds.get("SOPInstanceUID", "") or ""), sop_class=str(ds.get("SOPClassUID", "") or ""),
+        modality=modality, image_type=tuple(str(v).upper() for v in _multi(ds.get("ImageType"))),
+        series_number=_int(ds, "SeriesNumber"), series_description=str(ds.get("SeriesDescription", "") or ""),
+        rows=rows, cols=cols, instance_number=_int(ds, "InstanceNumber"),
+        acquisition_number=_int(ds, "AcquisitionNumber"), transfer_syntax=ts,
+        bits_allocated=bits_allocated, bits_stored=_int(ds, "BitsStored") or bits_allocated,
+        pixel_representation=_int(ds, "PixelRepresentation") or 0, samples_per_pixel=samples,
+        photometric=str(ds.get("PhotometricInterpretation", "MONOCHROME2") or "MONOCHROME2").upper(),
+    )
+    if n_frames > 1 or "PerFrameFunctionalGroupsSequence" in ds:
+        return _frames(raw_ds, ds, common, pixel_offset, frame_bytes)
+    geo = _geometry(ds, ds)
+    if geo is None:
+        if modality == "CT":
+            raise _Skip(NO_POSITION)
+        return OtherObject(path, series_uid, modality or "?", "image without position/orientation")
+    return [SliceHeader(frame=None, pixel_offset=pixel_offset, **common, **geo)]
+
+
+def _frames(ds: Dataset, header: _Header, common: dict[str, Any], offset: int | None,
+            frame_bytes: int) -> list[SliceHeader]:
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    shared_seq = ds.get("SharedFunctionalGroupsSequence")
+    shared = shared_seq[0] if shared_seq else None
+    n = int(common["n_frames"])
+    if per_frame is None or len(per_frame) < n:
+        raise _Skip("multi-frame images without per-frame positions")
+    out = []
+    for f in range(n):
+        geo = _geometry(header, _FunctionalGroups(per_frame[f], shared))
+        if geo is None:
+            raise _Skip("multi-frame images without per-frame positions")
+        frame_offset = None if offset is None else offset + f * frame_bytes
+        out.append(SliceHeader(frame=f, pixel_offset=frame_offset, **common, **geo))
+    return out
+
+
+class _FunctionalGroups:
+    """Attribute look-up through a frame's functional groups, then the shared ones, then the top level."""
+
+    _SEQ = {
+        "ImagePositionPatient": "PlanePositionSequence",
+        "ImageOrientationPatient": "PlaneOrientationSequence",
+        "PixelSpacing": "PixelMeasuresSequence",
+        "SliceThickness": "PixelMeasuresSequence",
+        "RescaleSlope": "PixelValueTransformationSequence",
+        "RescaleIntercept": "PixelValueTransformationSequence",
+    }
+
+    def __init__(self, frame: Dataset, shared: Dataset | None) -> None:
+        self.groups = [g for g in (frame, shared) if g is not None]
+
+    def get(self, keyword: str, default: Any = None) -> Any:
+        seq_name = self._SEQ.get(keyword)
+        for group in self.groups:
+            seq = group.get(seq_name) if seq_name else None
+            if seq and keyword in seq[0]:
+                return seq[0].get(keyword)
+        return default
+
+    def __contains__(self, keyword: str) -> bool:
+        return self.get(keyword) is not None
+
+
+def _geometry(ds: Any, src: Any) -> dict[str, Any] | None:
+    """Geometry and rescale fields, or None when position/orientation/spacing are absent or invalid."""
+    iop = _floats(src.get("ImageOrientationPatient"), 6) or _floats(ds.get("ImageOrientationPatient"), 6)
+    ipp = _floats(src.get("ImagePositionPatient"), 3) or _floats(ds.get("ImagePositionPatient"), 3)
+    ps = _floats(src.get("PixelSpacing"), 2) or _floats(ds.get("PixelSpacing"), 2)
+    if iop is None or ipp is None or ps is None:
+        return None
+    if not all(np.isfinite(iop + ipp + ps)) or min(ps) < 1e-3 or max(ps) > 1e3:
+        raise _Skip("images with invalid geometry values")
+    if max(abs(v) for v in ipp) > 1e7:
+        raise _Skip("images with invalid geometry values")
+    slope = _float(src.get("RescaleSlope")) if "RescaleSlope" in src else _float(ds.get("RescaleSlope"))
+    intercept = _float(src.get("RescaleIntercept")) if "RescaleIntercept" in src else _float(ds.get("RescaleIntercept"))
+    has_rescale = slope is not None and intercept is not None
+    slope = 1.0 if slope is None else slope
+    intercept = 0.0 if intercept is None else intercept
+    if not (np.isfinite(slope) and np.isfinite(intercept)) or slope == 0 or abs(slope) > 1e6 or abs(intercept) > 1e7:
+        raise _Skip("images with invalid rescale values")
+    thickness = _float(src.get("SliceThickness")) if "SliceThickness" in src else _float(ds.get("SliceThickness"))
+    return dict(
+        row_dir=tuple(iop[:3]), col_dir=tuple(iop[3:]), ipp=tuple(ipp), pixel_spacing=(ps[0], ps[1]),
+        slice_thickness=thickness, slope=slope, intercept=intercept, has_rescale=has_rescale,
+    )
+
+
+_STRUCT = {"US": "H", "SS": "h", "UL": "I", "SL": "i", "FL": "f", "FD": "d"}
+
+
+def _tag_table() -> dict[str, tuple[int, str]]:
+    out = {}
+    for kw in HEADER_TAGS:
+        tag = tag_for_keyword(kw)
+        if tag is not None:
+            out[kw] = (int(tag), dictionary_VR(tag))
+    return out
+
+
+class _Header:
+    """Fast read-only view of a header: values of our tags are decoded straight from the raw bytes.
+
+    pydicom's element conversion (with value validation) costs more than parsing the file; for
+    the ~30 simple elements the loader needs, a plain bytes -> str/int decode is enough. Sequences
+    and anything already converted go through pydicom.
+    """
+
+    _TAGS: dict[str, tuple[int, str]] = {}
+
+    def __init__(self, ds: Dataset) -> None:
+        self.ds = ds
+        if not _Header._TAGS:
+            _Header._TAGS = _tag_table()
+
+    def get(self, keyword: str, default: Any = None) -> Any:
+        spec = self._TAGS.get(keyword)
+        if spec is None:
+            return self.ds.get(keyword, default)
+        tag, vr = spec
+        elem = self.ds.get_item(tag)
+        if elem is None:
+            return default
+        if vr == "SQ" or not getattr(elem, "is_raw", False):
+            value = self.ds.get(keyword, default)
+        else:
+            value = _parse_raw(elem.value, elem.VR or vr, elem.is_little_endian)
+        return default if value is None or value == "" else value
+
+    def __contains__(self, keyword: str) -> bool:
+        return self.get(keyword) is not None
+
+
+def _parse_raw(value: bytes | None, vr: str, little: bool) -> Any:
+    """bytes of one element -> str, list[str], int/float or list of numbers (multi-valued)."""
+    if not value:
+        return None
+    code = _STRUCT.get(vr)
+    if code is not None:
+        size = struct.calcsize(code)
+        n = len(value) // size
+        if n == 0:
+            return None
+        nums = struct.unpack(("<" if little else ">") + code * n, value[: n * size])
+        return nums[0] if n == 1 else list(nums)
+    text = value.decode("latin-1").strip("\x00 ")
+    if "\\" in text:
+        return [part.strip("\x00 ") for part in text.split("\\")]
+    return text
+
+
+def _fallback_series_key(ds: Any) -> str:
+    """Stand-in series key for images without SeriesInstanceUID (some anonymisers blank UIDs)."""
+    parts = [str(ds.get(k, "") or "") for k in ("StudyInstanceUID", "SeriesNumber", "SeriesDescription",
+                                                    "Modality", "FrameOfReferenceUID", "SeriesTime")]
+    return "no-series-uid:" + "|".join(parts)
+
+
+def _encoding(ds: Dataset) -> tuple[bool, bool]:
+    enc = getattr(ds, "original_encoding", None)
+    if enc and enc[0] is not None:
+        return bool(enc[0]), bool(enc[1])
+    ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if ts is not None:
+        uid = UID(str(ts))
+        return bool(uid.is_implicit_VR), bool(uid.is_little_endian)
+    return True, True
+
+
+def _native_offset(head: bytes, pos: int, implicit: bool, little: bool, ts: str) -> int | None:
+    """Byte offset of uncompressed little-endian pixel values, else None (compressed, big endian...)."""
+    if not little or len(head) < 8 or ts not in NATIVE_LE:
+        return None
+    if struct.unpack("<HH", head[:4]) != (0x7FE0, 0x0010):
+        return None
+    length = _declared_length(head, implicit)
+    if length == 0xFFFFFFFF:
+        return None
+    return pos + (8 if implicit else 12)
+
+
+def _declared_length(head: bytes, implicit: bool) -> int:
+    if implicit:
+        return struct.unpack("<I", head[4:8])[0]
+    if len(head) < 12:
+        return 0
+    return struct.unpack("<I", head[8:12])[0]
+
+
+def _multi(value: Any) -> list[Any]:
+    if value is None:
+        return []
+    if isinstance(value, (str, bytes)):
+        return [value]
+    try:
+        return list(value)
+    except TypeError:
+        return [value]
+
+
+def _floats(value: Any, n: int) -> list[float] | None:
+    items = _multi(value)
+    if len(items) != n:
+        return None
+    try:
+        return [float(v) for v in items]
+    except (TypeError, ValueError):
+        return None
+
+
+def _float(value: Any) -> float | None:
+    if value is None or value == "":
+        return None
+    try:
+        if isinstance(value, (list, tuple)) or hasattr(value, "__len__") and not isinstance(value, str):
+            value = list(value)[0]
+        return float(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+
+
+def _int(ds: Any, keyword: str) -> int | None:
+    try:
+        value = ds.get(keyword)
+    except Exception:  # noqa: BLE001 - a malformed value reads as absent
+        return None
+    if value is None or value == "":
+        return None
+    try:
+        if isinstance(value, (list, tuple)) or (hasattr(value, "__len__") and not isinstance(value, str)):
+            value = list(value)[0]
+        return int(float(value))
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None

@@ -1,0 +1,168 @@
+"""Decode the pixel data of one stack straight into a preallocated (slice, row, column) array, in HU.
+
+Rules (README "Input" copies them):
+
+- HU = stored value * RescaleSlope + RescaleIntercept, per slice (per frame for enhanced CT);
+  slope 1 / intercept 0 when the image has none. Bits above BitsStored are masked (unsigned) or
+  sign-extended (signed).
+- The array is int16 when every slope and intercept is a whole number and every slice's HU fits
+  in int16 (a 512x512x300 CT stays ~160 MB); otherwise float32.
+- Uncompressed little-endian 16-bit data is read with one ``pread`` per slice at the offset the
+  header pass recorded; anything else (JPEG 2000, JPEG-LS, RLE, big endian, 8/32-bit) goes through
+  pydicom's decoders (pylibjpeg / openjpeg for JPEG 2000), spread over a small thread pool
+  (plain reads stay in one thread: threads only add contention there).
+- A file that fails to decode does not stop the load: its slices are reported as failed and the
+  caller treats them as missing slices.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.uid import UID
+
+import pipeline.io  # noqa: F401  (pydicom configuration)
+from pipeline.io.discover import SliceHeader
+
+log = logging.getLogger("osteoplan.io")
+
+INT16_MIN, INT16_MAX = -32768, 32767
+
+
+@dataclass
+class Decoded:
+    """``buf[k]`` is slice k as (rows, cols) HU; ``failed`` lists slices that could not be decoded."""
+
+    buf: np.ndarray
+    failed: list[int] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+
+def integral_rescale(slices: list[SliceHeader]) -> bool:
+    """True when every slope/intercept is a whole number, so HU can be stored as integers."""
+    return all(float(s.slope).is_integer() and float(s.intercept).is_integer() and s.bits_allocated <= 16
+               for s in slices)
+
+
+def decode_stack(slices: list[SliceHeader], workers: int | None = None) -> Decoded:
+    """Decode ``slices`` (all the same rows x cols) into one array of HU, slice k at ``buf[k]``."""
+    rows, cols = slices[0].rows, slices[0].cols
+    dtype = np.int16 if integral_rescale(slices) else np.float32
+    buf = np.empty((len(slices), rows, cols), dtype=dtype)
+    overflow: dict[int, np.ndarray] = {}
+    by_file: dict[Path, list[int]] = {}
+    for k, s in enumerate(slices):
+        by_file.setdefault(s.path, []).append(k)
+    failed: list[int] = []
+    errors: list[str] = []
+
+    def task(ks: list[int]) -> tuple[list[int], str | None]:
+        try:
+            for k, raw in _read_file(slices, ks):
+                _store_hu(raw, slices[k], buf, k, overflow)
+            return [], None
+        except Exception as exc:  # noqa: BLE001 - one bad file must not stop the load
+            return ks, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+
+    fast = [ks for ks in by_file.values() if _is_fast(slices, ks)]
+    slow = [ks for ks in by_file.values() if not _is_fast(slices, ks)]
+    n_workers = workers or min(8, os.cpu_count() or 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        # plain reads are I/O + memcpy: threads only add contention; decoders (openjpeg...) release the GIL
+        results = [task(ks) for ks in fast]
+        if n_workers <= 1 or len(slow) <= 2:
+            results += [task(ks) for ks in slow]
+        else:
+            with ThreadPoolExecutor(max_workers=n_workers) as pool:
+                results += list(pool.map(task, slow))
+    for ks, err in results:
+        if err is not None:
+            failed.extend(ks)
+            errors.append(err)
+            log.info("pixel data of %d slice(s) could not be decoded: %s", len(ks), err)
+    if overflow:
+        log.info("%d slice(s) exceed the int16 range; storing HU as float32", len(overflow))
+        buf = buf.astype(np.float32)
+        for k, v in overflow.items():
+            buf[k] = v
+    return Decoded(buf, sorted(failed), errors)
+
+
+def _is_fast(slices: list[SliceHeader], ks: list[int]) -> bool:
+    """Uncompressed little-endian 16-bit pixels at a known offset: one pread per slice."""
+    return all(slices[k].pixel_offset is not None and slices[k].bits_allocated == 16
+               and slices[k].samples_per_pixel == 1 for k in ks)
+
+
+def _read_file(slices: list[SliceHeader], ks: list[int]):
+    """Yield (k, raw stored values as (rows, cols)) for the slices ``ks`` of one file."""
+    first = slices[ks[0]]
+    if _is_fast(slices, ks):
+        fd = os.open(first.path, os.O_RDONLY)
+        try:
+            for k in ks:
+                s = slices[k]
+                n = s.rows * s.cols * 2
+                data = os.pread(fd, n, s.pixel_offset)  # type: ignore[arg-type]
+                if len(data) != n:
+                    raise ValueError("pixel data shorter than Rows x Columns")
+                raw = np.frombuffer(data, dtype="<i2" if s.pixel_representation else "<u2").reshape(s.rows, s.cols)
+                yield k, _fix_bits(raw, s)
+        finally:
+            os.close(fd)
+        return
+    ds = pydicom.dcmread(first.path, force=True)
+    if not getattr(ds.file_meta, "TransferSyntaxUID", None):
+        ds.file_meta.TransferSyntaxUID = UID(first.transfer_syntax)
+    arr = ds.pixel_array
+    n_frames = first.n_frames
+    if n_frames > 1:
+        if arr.ndim != 3 or arr.shape[0] != n_frames:
+            raise ValueError("decoded frames do not match NumberOfFrames")
+    for k in ks:
+        s = slices[k]
+        frame = arr[s.frame] if (n_frames > 1 and s.frame is not None) else arr
+        if frame.shape != (s.rows, s.cols):
+            raise ValueError("decoded image size does not match Rows x Columns")
+        yield k, _fix_bits(frame, s)
+
+
+def _fix_bits(raw: np.ndarray, s: SliceHeader) -> np.ndarray:
+    """Mask (unsigned) or sign-extend (signed) values stored in fewer bits than allocated."""
+    if raw.dtype.kind not in "iu" or raw.dtype.itemsize != 2 or not (0 < s.bits_stored < 16):
+        return raw
+    if s.pixel_representation:
+        shift = 16 - s.bits_stored
+        return (raw.astype(np.int16) << shift) >> shift
+    return raw & np.uint16((1 << s.bits_stored) - 1)
+
+
+def _store_hu(raw: np.ndarray, s: SliceHeader, buf: np.ndarray, k: int, overflow: dict[int, np.ndarray]) -> None:
+    """buf[k] = raw * slope + intercept, exactly in int16 when it fits, else in float32."""
+    if buf.dtype == np.float32:
+        buf[k] = raw.astype(np.float64) * s.slope + s.intercept
+        return
+    if raw.dtype.kind not in "iu":
+        overflow[k] = (raw.astype(np.float64) * s.slope + s.intercept).astype(np.float32)
+        return
+    slope, intercept = int(s.slope), int(s.intercept)
+    lo, hi = int(raw.min()), int(raw.max())
+    ends = (lo * slope + intercept, hi * slope + intercept)
+    if min(ends) < INT16_MIN or max(ends) > INT16_MAX:
+        overflow[k] = (raw.astype(np.float64) * slope + intercept).astype(np.float32)
+        return
+    if slope == 1:
+        if intercept == 0 and raw.dtype == np.int16:
+            buf[k] = raw
+        else:
+            np.add(raw, np.int32(intercept), out=buf[k], casting="unsafe")
+    else:
+        np.add(raw.astype(np.int32) * slope, intercept, out=buf[k], casting="unsafe")
