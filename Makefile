@@ -7,7 +7,7 @@ PY := $(BIN)/python
 SAMPLE ?= data_samples/phantom01
 OUT ?= out
 
-.PHONY: venv run test test-fast bench bench-gpu train train-gpu evaluate samples lint clean
+.PHONY: venv run test test-fast bench bench-gpu train train-gpu evaluate samples fuzz lint clean
 
 $(BIN)/python:
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) (or set PYTHON=...)"; exit 2; }
@@ -51,6 +51,9 @@ bench: venv
 
 bench-gpu: venv
 	$(BIN)/python scripts/bench.py --device cuda --size 512,512,400
+
+fuzz: venv
+	$(BIN)/python scripts/fuzz_ingest.py --seconds 60
 
 lint: venv
 	$(BIN)/python -m compileall -q pipeline

@@ -54,5 +54,6 @@ def setup_logging(outdir: Path | None, level: int = logging.INFO, console_level:
     sh.setFormatter(logging.Formatter("osteoplan: %(levelname)s: %(message)s"))
     sh._osteoplan = True  # type: ignore[attr-defined]
     root.addHandler(sh)
-    for noisy in ("pydicom", "highdicom", "pynetdicom", "PIL", "matplotlib"):
+    for noisy in ("highdicom", "pynetdicom", "PIL", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.getLogger("pydicom").setLevel(logging.ERROR)  # its warnings may quote header values

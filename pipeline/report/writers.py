@@ -103,6 +103,14 @@ def _dicom_allowed(volume: Volume, deidentify: bool, fmts: list[str], warnings: 
     if volume.dicom is None or not volume.dicom.files:
         warnings.append(f"{names} not written: the input is not DICOM (no source images to reference)")
         return False
+    resampled = (volume.selection.get("chosen") or {}).get("resampled")
+    if resampled:
+        warnings.append(f"{names} not written: the analysed grid was resampled from the source images "
+                        f"({resampled}), so segments cannot be stored frame by frame on them")
+        return False
+    if not all(volume.dicom.sop_instance_uids):
+        warnings.append(f"{names} not written: the source images have no SOPInstanceUID to reference")
+        return False
     return True
 
 

@@ -70,6 +70,8 @@ class TrainConfig(BaseModel):
     ckpt_every: int = 100
     threads: int = 0
     amp: bool = True
+    init_from: str | None = Field(None, description="start from these weights: a bundle folder, a state dict "
+                                  "(.pt) or a run's checkpoint.pt (fine-tuning); relative to the repo")
     data: DataConfig = DataConfig()
 
 
@@ -206,6 +208,9 @@ def train_from_config(config_path: Path, resume: bool = True, max_steps: int | N
     seed_everything(cfg.seed + rank)
     train_pool, val_pool = _build_pool(cfg, rank, work / "cache")
     net = build_network(cfg.network).to(device)
+    if cfg.init_from and not (resume and (work / "checkpoint.pt").is_file()):
+        net.load_state_dict(_initial_weights(cfg.init_from))
+        log.info("initialised from %s", cfg.init_from)
     model = torch.nn.parallel.DistributedDataParallel(net) if distributed else net
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -286,6 +291,18 @@ def train_from_config(config_path: Path, resume: bool = True, max_steps: int | N
 
     final_state = net.state_dict()
     return export_bundle(cfg, final_state, history, work, elapsed_s=time.time() - t0, device=str(device))
+
+
+def _initial_weights(spec: str) -> dict:
+    path = Path(spec) if Path(spec).is_absolute() else REPO_ROOT / spec
+    if (path / "metadata.json").is_file():
+        from pipeline.segment.bundle import load_bundle
+
+        return load_bundle(path).network.state_dict()
+    if not path.is_file():
+        raise InputError(f"init_from: {spec} not found")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    return state["model"] if isinstance(state, dict) and "model" in state else state
 
 
 def _validate(net, val_pool, cfg: TrainConfig, device, swi) -> dict[int, float]:
