@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 _LOG_FILE: Path | None = None
+logging.getLogger("osteoplan").addHandler(logging.NullHandler())  # nothing on screen before setup_logging
 _FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 

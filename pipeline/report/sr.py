@@ -79,6 +79,8 @@ def build_sr(volume: Volume, seg: Segmentation, seg_ds: pydicom.Dataset, report:
     algo = hd.sr.AlgorithmIdentification(name=seg.model.name, version=seg.model.version or "unknown")
     groups = [g for les in report.get("lesions", [])
               for g in _lesion_group(les, seg_ds, source_headers, frames_by_k, frame_uid, algo, volume)]
+    if not groups:  # TID 1500 needs a group: say explicitly that nothing was found (the PACS still gets an SR)
+        groups = [_no_lesion_group(report, algo)]
     device = hd.sr.DeviceObserverIdentifyingAttributes(
         uid=generate_uid(entropy_srcs=[seg.model.name, seg.model.version, seg.model.sha256]),
         name=seg.model.name[:64],
@@ -112,6 +114,20 @@ def build_sr(volume: Volume, seg: Segmentation, seg_ds: pydicom.Dataset, report:
             responsible_organization="osteoplan project", version=__version__)],
         specific_character_set=getattr(src, "SpecificCharacterSet", None) or "ISO_IR 192",
     )
+
+
+def _no_lesion_group(report: dict[str, Any], algo: hd.sr.AlgorithmIdentification
+                     ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """TID 1501 group stating that no metastasis was found (and whether the canal was)."""
+    finding = hd.sr.CodedConcept("121071", "DCM", "Finding")
+    evaluations = [hd.sr.QualitativeEvaluation(finding, private("NO_METASTASIS", "no bone metastasis detected"))]
+    canal_found = bool(report.get("canal", {}).get("found"))
+    evaluations.append(hd.sr.QualitativeEvaluation(
+        private("CANAL_FOUND", "spinal canal segmented"),
+        private("YES" if canal_found else "NO", "yes" if canal_found else "no")))
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier="study: no lesion"),
+        qualitative_evaluations=evaluations, algorithm_id=algo)
 
 
 def write_sr(path: Path, volume: Volume, seg: Segmentation, seg_ds: pydicom.Dataset, report: dict[str, Any],

@@ -72,8 +72,6 @@ def write_all(outdir: Path, volume: Volume, seg: Segmentation, lesions: list[Les
         with timer.stage("write_sr"):
             if seg_ds is None or headers is None:
                 warnings.append("sr.dcm not written: it needs seg.dcm, which could not be written")
-            elif not report.get("lesions"):
-                log.info("no lesions: sr.dcm not written (a TID 1500 report needs at least one measurement group)")
             else:
                 try:
                     from pipeline.report.sr import write_sr

@@ -42,10 +42,24 @@ class NnunetSource(BaseModel):
     repeat: int = Field(1, ge=1, description="how many times each case enters the training pool")
 
 
+class RealInsertSource(BaseModel):
+    """Real CT backgrounds with synthetic metastases inserted (``pipeline.train.real_insert``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    enabled: bool = False
+    n_cases: int = Field(24, ge=0, description="cases drawn round robin over the available backgrounds")
+    data_root: str = Field("../shared/data/real", description="relative paths are relative to the repository")
+    sources: tuple[str, ...] = ("totalseg", "tptbox")
+    max_lesions: int = Field(4, ge=0)
+    crop_mm: tuple[float, float, float] = (180.0, 180.0, 160.0)
+    repeat: int = Field(1, ge=1, description="how many times each case enters the training pool")
+
+
 class DataConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     phantom: PhantomSource = PhantomSource()
     nnunet: NnunetSource = NnunetSource()
+    real_insert: RealInsertSource = RealInsertSource()
     refresh_every: int = Field(0, ge=0, description="regenerate this many phantoms... 0 = never")
 
 
@@ -152,7 +166,26 @@ def _build_pool(cfg: TrainConfig, rank: int, cache_dir: Path):
             raise InputError(f"no labelled cases found in {ns.path} (expected imagesTr/, labelsTr/)")
         train += [(_normalise_np(c.image, cfg.intensity), c.labels) for c in user] * ns.repeat
         log.info("added %d nnU-Net cases (x%d)", len(user), ns.repeat)
+    if cfg.data.real_insert.enabled:
+        train += _real_insert_pool(cfg, rank)
     return train, val
+
+
+def _real_insert_pool(cfg: TrainConfig, rank: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Real CT backgrounds with inserted metastases (seeded per rank), normalised like the phantoms."""
+    from pipeline.train.real_insert import real_insert_cases
+
+    ri = cfg.data.real_insert
+    root = Path(ri.data_root)
+    root = root if root.is_absolute() else (REPO_ROOT / root).resolve()
+    if not root.is_dir():
+        raise InputError(f"data.real_insert: data_root {root} does not exist")
+    cases = real_insert_cases(root, ri.n_cases, cfg.seed * 1000 + rank + 555, cfg.target_spacing_mm, ri.sources,
+                              ri.max_lesions, ri.crop_mm)
+    if not cases:
+        raise InputError(f"data.real_insert: no allowed real CT background found under {root}")
+    log.info("added %d real-CT cases with inserted lesions (x%d)", len(cases), ri.repeat)
+    return [(_normalise_np(c.image, cfg.intensity), c.labels) for c in cases] * ri.repeat
 
 
 def dice_per_class(pred: np.ndarray, truth: np.ndarray, classes=(1, 2, 3)) -> dict[int, float]:
