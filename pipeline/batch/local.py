@@ -2,7 +2,7 @@
 
 Each worker builds one runner (model loaded once) and overlaps loading the next studies with
 inference through a bounded prefetch. With N > 1 the workers are separate processes (spawn)
-pulling tasks from one queue; the driver alone writes the manifest. A worker that dies (killed,
+each fed through its own queue by the driver; the driver alone writes the manifest. A worker that dies (killed,
 out of memory) fails only the study it was running: the studies it had prefetched go back to
 the queue and a fresh worker takes its place.
 """
@@ -13,6 +13,7 @@ import logging
 import multiprocessing as mp
 import os
 import queue
+from collections import deque
 from dataclasses import asdict, replace
 from typing import Any, Callable, Iterator
 
@@ -61,15 +62,22 @@ def run_inprocess(tasks: list[Task], settings: BatchSettings, on_result: OnResul
 
 def run_pool(tasks: list[Task], settings: BatchSettings, workers: int, on_result: OnResult,
              on_start: OnStart | None = None) -> None:
+    """Driver of N worker processes.
+
+    The driver assigns every task to one worker through that worker's own queue and remembers the
+    order, keeping at most ``prefetch + 1`` tasks per worker. A worker handles its tasks in that
+    order, so when it dies the first of its unfinished tasks is the one it was running (recorded
+    as failed) and the rest go back to the pending list. No task can be lost in a queue, whatever
+    messages a dying process failed to flush.
+    """
     ctx = mp.get_context("spawn")
-    task_q: Any = ctx.Queue()
     result_q: Any = ctx.Queue()
-    for tid, task in enumerate(tasks):
-        task_q.put((tid, task))
+    pending: deque[int] = deque(range(len(tasks)))
     procs: dict[int, Any] = {}
-    claimed: dict[int, set[int]] = {}
-    running: dict[int, int | None] = {}
+    inbox: dict[int, Any] = {}
+    assigned: dict[int, deque[int]] = {}
     done: set[int] = set()
+    capacity = max(1, settings.prefetch) + 1
     next_wid = 0
     respawns_left = 2 * workers
 
@@ -77,26 +85,34 @@ def run_pool(tasks: list[Task], settings: BatchSettings, workers: int, on_result
         nonlocal next_wid
         wid = next_wid
         next_wid += 1
-        p = ctx.Process(target=_worker_main, args=(wid, workers, settings, task_q, result_q, os.getpid()),
+        inbox[wid] = ctx.Queue()
+        p = ctx.Process(target=_worker_main, args=(wid, workers, settings, inbox[wid], result_q, os.getpid()),
                         name=f"osteoplan-batch-{wid}", daemon=True)
         p.start()
-        procs[wid], claimed[wid], running[wid] = p, set(), None
+        procs[wid], assigned[wid] = p, deque()
+
+    def refill() -> None:
+        for wid in procs:
+            while pending and len(assigned[wid]) < capacity:
+                tid = pending.popleft()
+                assigned[wid].append(tid)
+                inbox[wid].put((tid, tasks[tid]))
+
+    def finish(tid: int, entry: ManifestEntry) -> None:
+        if tid not in done:
+            done.add(tid)
+            on_result(entry)
 
     def handle(msg: tuple) -> None:
         kind, wid = msg[0], msg[1]
-        if kind == "claim":
-            claimed[wid].add(msg[2])
-        elif kind == "start":
-            running[wid] = msg[2]
+        if kind == "start":
             if on_start is not None:
                 on_start(tasks[msg[2]])
         elif kind == "done":
             tid = msg[2]
-            claimed[wid].discard(tid)
-            running[wid] = None
-            if tid not in done:
-                done.add(tid)
-                on_result(ManifestEntry(**msg[3]))
+            if wid in assigned and tid in assigned[wid]:
+                assigned[wid].remove(tid)
+            finish(tid, ManifestEntry(**msg[3]))
         elif kind == "fatal":
             raise WorkerStartError(msg[2], msg[3])
 
@@ -111,6 +127,7 @@ def run_pool(tasks: list[Task], settings: BatchSettings, workers: int, on_result
         spawn()
     try:
         while len(done) < len(tasks):
+            refill()
             try:
                 handle(result_q.get(timeout=0.5))
             except queue.Empty:
@@ -121,32 +138,28 @@ def run_pool(tasks: list[Task], settings: BatchSettings, workers: int, on_result
             drain()
             for wid in dead:
                 p = procs.pop(wid)
-                tid = running.pop(wid)
-                lost = claimed.pop(wid) - done
-                if tid is not None and tid not in done:
-                    lost.discard(tid)
-                    done.add(tid)
-                    on_result(_died_entry(tasks[tid], settings, p.exitcode, wid))
-                for other in sorted(lost):
-                    task_q.put((other, tasks[other]))
+                inbox.pop(wid).cancel_join_thread()
+                left = [t for t in assigned.pop(wid) if t not in done]
+                if left:  # FIFO: the first unfinished task is the one the worker was running
+                    finish(left[0], _died_entry(tasks[left[0]], settings, p.exitcode, wid))
+                    pending.extendleft(reversed(left[1:]))
                 log.warning("batch worker %d exited with code %s", wid, p.exitcode)
                 if len(done) < len(tasks) and respawns_left > 0:
                     respawns_left -= 1
                     spawn()
             if not procs and len(done) < len(tasks):
                 for tid in range(len(tasks)):
-                    if tid not in done:
-                        done.add(tid)
-                        on_result(_died_entry(tasks[tid], settings, None, -1, "no batch worker left"))
+                    finish(tid, _died_entry(tasks[tid], settings, None, -1, "no batch worker left"))
     finally:
-        for _ in procs:
-            task_q.put(None)
+        for wid in procs:
+            inbox[wid].put(None)
         for p in procs.values():
             p.join(timeout=10)
             if p.exitcode is None:
                 p.terminate()
                 p.join(timeout=5)
-        task_q.cancel_join_thread()
+        for q in inbox.values():
+            q.cancel_join_thread()
         result_q.cancel_join_thread()
 
 
@@ -191,8 +204,7 @@ def _worker_main(wid: int, workers: int, settings: BatchSettings, task_q: Any, r
 
     load_task = make_loader(settings, runner)
     name = f"w{wid}/pid{os.getpid()}"
-    with Prefetcher(source(), lambda item: load_task(item[1]), depth=settings.prefetch,
-                    on_take=lambda item: result_q.put(("claim", wid, item[0]))) as pf:
+    with Prefetcher(source(), lambda item: load_task(item[1]), depth=settings.prefetch) as pf:
         for loaded in pf:
             tid, task = loaded.item
             result_q.put(("start", wid, tid))
