@@ -35,8 +35,10 @@ test-fast: venv
 samples: venv
 	$(BIN)/osteoplan samples -o $(OUT)/samples -n 3
 
+## Reproduce the shipped weights: stage 1 (phantoms), then stage 2 (phantoms + real CT with inserted lesions)
 train: venv
 	$(BIN)/osteoplan train --config configs/train.yaml
+	$(BIN)/osteoplan train --config configs/train_real.yaml
 
 train-gpu: venv
 	$(BIN)/osteoplan train --config configs/train_gpu.yaml
