@@ -151,11 +151,12 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as exc:  # noqa: BLE001 - the contract: one line on screen, traceback in the log
         import click
+        from typer._click import exceptions as tclick  # typer 0.29 vendors its own click
 
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
+        if isinstance(exc, (click.exceptions.ClickException, tclick.ClickException)):
+            print(f"osteoplan: error: {exc.format_message()}", file=sys.stderr)  # one line, per the contract
             return 2
-        if isinstance(exc, click.exceptions.Abort):
+        if isinstance(exc, click.exceptions.Abort) or type(exc).__name__ == "Abort":
             return 130
         log.error("internal error\n%s", traceback.format_exc(), extra={"file_only": True})
         print(f"osteoplan: internal error ({type(exc).__name__}); details in {_log_path()}", file=sys.stderr)

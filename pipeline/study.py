@@ -111,7 +111,10 @@ class StudyRunner:
             volume.warnings.append("spinal canal not found: distances to the canal could not be measured")
         report = build_report(volume, seg, lesions, recs, canal, intent=opts.intent, timings=timer.timings,
                               fast=opts.fast, deidentify=opts.deidentify, rules=self.rules)
-        study_dir = Path(output_root) / _safe_name(volume.study_key)
+        key = volume.study_key
+        if opts.deidentify and volume.dicom is not None and volume.dicom.study_instance_uid:
+            key = anon(volume.dicom.study_instance_uid)  # stable pseudonym: resume still works
+        study_dir = Path(output_root) / _safe_name(key)
         with timer.stage("write"):
             _write_outputs(study_dir, volume, seg, lesions, recs, canal, report, opts, timer)
         report["timings_s"]["total"] = round(time.perf_counter() - t_start, 4)

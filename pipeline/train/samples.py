@@ -52,6 +52,8 @@ def write_samples(outdir: Path, n: int = 3, seed: int = 0, size: str = "small") 
         rng = np.random.default_rng(seed * 7919 + idx)
         orientation = ORIENTATIONS[idx % len(ORIENTATIONS)] if size == "small" else "HFS"
         lesions = designed_lesions(rng)
+        for ls, level in zip(lesions, (2, 3, 4)):  # one lesion per vertebra: designed lesions never merge
+            ls.level = level
         ph = make_phantom(int(rng.integers(0, 2**31 - 1)), shape=shape, spacing=spacing, orientation=orientation,
                           lesions=lesions)
         study = outdir / f"phantom{idx + 1:02d}"
