@@ -54,21 +54,68 @@ def to_canonical(array: np.ndarray, geom: Geometry, canon: Geometry) -> torch.Te
     perm = signed_permutation(geom.direction)
     if perm is not None:
         axis_for_lps, sign = perm
-        t = torch.from_numpy(np.ascontiguousarray(array)).to(torch.float32)
-        t = t.permute(*axis_for_lps)
-        flips = [d for d in range(3) if sign[d] < 0]
-        if flips:
-            t = torch.flip(t, dims=flips)
-        t = t[None, None]
-        if tuple(t.shape[2:]) != canon.shape:
-            t = F.interpolate(t, size=canon.shape, mode="trilinear", align_corners=True)
-        return t.contiguous()
+        return _separable_linear(array, axis_for_lps, sign, canon.shape)
     # oblique: general affine sampling
     src = torch.from_numpy(np.ascontiguousarray(array)).to(torch.float32)[None, None]
     out = torch.empty((1, 1) + canon.shape, dtype=torch.float32)
     for k0, k1, grid in _slab_grids(canon, geom, slab=max(1, int(4e6 // (canon.shape[0] * canon.shape[1])))):
         out[0, 0, :, :, k0:k1] = _sample(src, grid, "bilinear").permute(0, 1, 4, 3, 2)[0, 0]
     return out
+
+
+def _separable_linear(array: np.ndarray, axis_for_lps: list[int], sign: list[int],
+                      out_shape: tuple[int, int, int]) -> torch.Tensor:
+    """Trilinear resampling (align_corners=True) of an axis-aligned array, one axis at a time.
+
+    Output axis ``d`` runs along LPS axis ``d``: it is the input's axis ``axis_for_lps[d]``,
+    reversed where ``sign[d] < 0``. Same values as permute + flip + ``F.interpolate(...,
+    mode="trilinear", align_corners=True)`` up to float rounding (sample positions are computed
+    in float64 here), but each pass only reads the two input samples it needs along its axis and
+    the most-shrinking axis goes first, so the full-resolution input is read once, as it is stored
+    (int16, any memory order), and never converted to float as a whole.
+    """
+    x = np.asarray(array)
+    # work in memory order (outermost axis first) so that np.take copies contiguous runs
+    mem = sorted(range(3), key=lambda a: -abs(x.strides[a]))
+    v = x.transpose(mem)
+    pos_of_input_axis = {a: mem.index(a) for a in range(3)}
+    in_shape = [x.shape[axis_for_lps[d]] for d in range(3)]
+    # most-shrinking LPS axis first; ties: the outer axis in memory first
+    order = sorted(range(3), key=lambda d: (out_shape[d] / max(in_shape[d], 1),
+                                             pos_of_input_axis[axis_for_lps[d]]))
+    for d in order:
+        ax = pos_of_input_axis[axis_for_lps[d]]
+        n_in, n_out = in_shape[d], out_shape[d]
+        if n_in == n_out:
+            if sign[d] < 0:
+                v = np.flip(v, axis=ax)
+            continue
+        i0, i1, w = _linear_taps(n_in, n_out, reverse=sign[d] < 0)
+        lo = np.take(v, i0, axis=ax).astype(np.float32, copy=False)
+        hi = np.take(v, i1, axis=ax).astype(np.float32, copy=False)
+        shape = [1, 1, 1]
+        shape[ax] = n_out
+        hi -= lo
+        hi *= w.reshape(shape)
+        lo += hi  # lo + w (hi - lo)
+        v = lo
+    # v's axis p is input axis mem[p]; output axis d is input axis axis_for_lps[d]
+    out = v.transpose([pos_of_input_axis[axis_for_lps[d]] for d in range(3)])
+    return torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32))[None, None]
+
+
+def _linear_taps(n_in: int, n_out: int, reverse: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Left/right input indices and right weight (float32) for align_corners=True linear resampling."""
+    if n_out == 1:
+        pos = np.zeros(1)
+    else:
+        pos = np.arange(n_out, dtype=np.float64) * ((n_in - 1) / (n_out - 1))
+    if reverse:
+        pos = (n_in - 1) - pos
+    pos = np.clip(pos, 0.0, n_in - 1)
+    i0 = np.minimum(np.floor(pos).astype(np.int64), max(n_in - 2, 0))
+    i1 = np.minimum(i0 + 1, n_in - 1)
+    return i0, i1, (pos - i0).astype(np.float32)
 
 
 def _slab_grids(dst: Geometry, src: Geometry, slab: int):
@@ -94,30 +141,151 @@ def _sample(src: torch.Tensor, grid: torch.Tensor, mode: str) -> torch.Tensor:
     return F.grid_sample(src, grid, mode=mode, padding_mode="border", align_corners=True)
 
 
+def argmax_channels(scores: torch.Tensor) -> torch.Tensor:
+    """First-index argmax over dim 0 of (C, ...) scores as uint8; much faster than ``argmax(dim=0)`` on CPU.
+
+    Ties go to the lowest channel index, as ``torch.argmax`` does.
+    """
+    best = scores[0].clone()
+    lab = torch.zeros(scores.shape[1:], dtype=torch.uint8)
+    for c in range(1, scores.shape[0]):
+        gt = scores[c] > best
+        lab.masked_fill_(gt, c)
+        torch.maximum(best, scores[c], out=best)
+    return lab
+
+
+MIXED = 255  # cell code: its corners disagree (or are near a tie); sample it exactly
+
+
+def _uniform_cells(scores: torch.Tensor) -> np.ndarray:
+    """Label of each grid cell (2x2x2 corner block) whose corners all have it as a clear winner.
+
+    ``scores`` (C, X, Y, Z). Returns uint8 (X', Y', Z') with X' = max(X - 1, 1) etc.: cell
+    (x, y, z) spans corners x..x+1 (only x when X == 1); its value is the corners' common
+    argmax, or ``MIXED``. Why it is exact: trilinear interpolation inside a cell is a convex
+    combination of its corners, so if label c beats every other label at all eight corners it
+    beats them everywhere in the cell. "Clear" = top score ahead of the second by more than
+    1e-3 of the largest score magnitude, far above float32 rounding of the interpolation and of
+    the sample positions, so the argmax of the exactly sampled scores would be the same.
+    """
+    c = scores.shape[0]
+    best = scores[0].clone()
+    second = torch.full_like(best, -float("inf"))
+    lab = torch.zeros(scores.shape[1:], dtype=torch.uint8)
+    for ch in range(1, c):
+        v = scores[ch]
+        gt = v > best
+        second = torch.maximum(second, torch.minimum(best, v))
+        torch.maximum(best, v, out=best)
+        lab.masked_fill_(gt, ch)
+    tol = 1e-3 * max(1.0, float(scores.abs().max()))
+    lab.masked_fill_((best - second) <= tol, MIXED)
+    lo = hi = lab
+    for ax in range(3):
+        if lo.shape[ax] > 1:
+            n = lo.shape[ax]
+            lo = torch.minimum(lo.narrow(ax, 0, n - 1), lo.narrow(ax, 1, n - 1))
+            hi = torch.maximum(hi.narrow(ax, 0, n - 1), hi.narrow(ax, 1, n - 1))
+    cells = lo.clone()
+    cells.masked_fill_(lo != hi, MIXED)
+    return cells.numpy()
+
+
+def _axis_map(m: np.ndarray, shape: tuple[int, ...], tol: float = 1e-6) -> list[int] | None:
+    """If the index map ``m`` (4x4, input index -> canonical index) sends each input axis along one
+    canonical axis (no shear, drift below ``tol`` voxel over the grid): canonical axis per input axis."""
+    a = m[:3, :3]
+    axes = [int(np.argmax(np.abs(a[:, col]))) for col in range(3)]
+    if sorted(axes) != [0, 1, 2]:
+        return None
+    off = a.copy()
+    for col, row in enumerate(axes):
+        off[row, col] = 0.0
+    if float(np.abs(off).max(initial=0.0)) * float(max(shape)) > tol:
+        return None
+    return axes
+
+
 def logits_to_labels(logits: torch.Tensor, canon: Geometry, geom: Geometry, slab_voxels: int = 8_000_000,
-                     roi_ijk: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+                     roi_ijk: tuple[np.ndarray, np.ndarray] | None = None, order: str = "C") -> np.ndarray:
     """Trilinear-sample canonical logits (1, C, X, Y, Z) at ``geom``'s voxel centres; argmax -> uint8.
 
-    Works slab by slab along the input's k axis. ``roi_ijk`` (lo, hi inclusive input indices)
-    restricts the work to a box; voxels outside it are background (0).
+    ``roi_ijk`` (lo, hi inclusive input indices) restricts the work to a box; voxels outside it
+    are background (0). Same labels as sampling every voxel with ``grid_sample`` (border
+    padding, align_corners=True) and taking the first-index argmax, but only voxels whose
+    canonical cell is not uniform (see ``_uniform_cells``: near label boundaries or near ties)
+    are actually sampled; the rest take their cell's label. Sampling works in chunks of
+    ``slab_voxels`` voxels. ``order`` ("C" or "F") is the memory order of the returned map: "F"
+    (slice-major, like the DICOM loader's arrays) makes NIfTI and DICOM SEG writing copy-free.
     """
-    labels = np.zeros(geom.shape, np.uint8)
+    if order not in ("C", "F"):
+        raise ValueError("order must be 'C' or 'F'")
+    labels = np.zeros(geom.shape, np.uint8, order=order)
     if roi_ijk is None:
         lo, hi = np.zeros(3, int), np.asarray(geom.shape) - 1
     else:
-        lo, hi = roi_ijk
+        lo, hi = np.asarray(roi_ijk[0], int), np.asarray(roi_ijk[1], int)
     sub_shape = tuple(int(v) for v in hi - lo + 1)
     if min(sub_shape) <= 0:
         return labels
     sub_origin = geom.index_to_lps(lo[None])[0]
     sub = Geometry(shape=sub_shape, spacing=geom.spacing, origin=tuple(sub_origin), direction=geom.direction)
-    slab = max(1, int(slab_voxels // (sub_shape[0] * sub_shape[1])))
     src = logits.float()
-    for k0, k1, grid in _slab_grids(sub, canon, slab):
-        out = _sample(src, grid, "bilinear")  # (1, C, K, J, I)
-        lab = out[0].argmax(dim=0).to(torch.uint8).permute(2, 1, 0).numpy()  # (I, J, K)
-        labels[lo[0]:hi[0] + 1, lo[1]:hi[1] + 1, lo[2] + k0:lo[2] + k1] = lab
+    m = np.linalg.inv(canon.affine_lps) @ sub.affine_lps  # sub index -> canonical index
+    # the canonical box that the sub grid's voxel centres fall in (their cells, clamped)
+    cn = np.asarray(canon.shape)
+    corners = np.array([[a, b, c] for a in (0, sub_shape[0] - 1) for b in (0, sub_shape[1] - 1)
+                        for c in (0, sub_shape[2] - 1)], float)
+    cpos = corners @ m[:3, :3].T + m[:3, 3]
+    c_lo = np.clip(np.floor(cpos.min(axis=0)).astype(int) - 1, 0, cn - 1)
+    c_hi = np.clip(np.ceil(cpos.max(axis=0)).astype(int) + 1, 0, cn - 1)
+    crop = src[0, :, c_lo[0]:c_hi[0] + 1, c_lo[1]:c_hi[1] + 1, c_lo[2]:c_hi[2] + 1]
+    cells = _uniform_cells(crop)
+    ncell = np.asarray(cells.shape)
+
+    axes = _axis_map(m, sub_shape)
+    out = np.empty(sub_shape, np.uint8, order=order)
+    if axes is not None:
+        # separable: the cell of voxel (i, j, k) is a product of three 1-D lookups
+        cell_idx = []
+        for col, row in enumerate(axes):
+            pos = np.arange(sub_shape[col], dtype=np.float64) * m[row, col] + m[row, 3]
+            cell_idx.append(_cell_index(pos, cn[row], c_lo[row], ncell[row]))
+        c_in = cells.transpose(axes)  # axis ``col`` of c_in = canonical axis axes[col]
+        if order == "F":  # gather in (k, j, i) order: C order of the transposed view
+            out.T[...] = c_in.T[cell_idx[2]][:, cell_idx[1]][:, :, cell_idx[0]]
+        else:
+            out[...] = c_in[cell_idx[0]][:, cell_idx[1]][:, :, cell_idx[2]]
+    else:
+        ii, jj = np.meshgrid(np.arange(sub_shape[0]), np.arange(sub_shape[1]), indexing="ij")
+        slab = max(1, int(slab_voxels // (sub_shape[0] * sub_shape[1])))
+        for k0 in range(0, sub_shape[2], slab):
+            k1 = min(sub_shape[2], k0 + slab)
+            ijk = np.stack(np.broadcast_arrays(ii[..., None], jj[..., None], np.arange(k0, k1)[None, None, :]), axis=-1)
+            pos = ijk.reshape(-1, 3) @ m[:3, :3].T + m[:3, 3]
+            ci = [_cell_index(pos[:, d], cn[d], c_lo[d], ncell[d]) for d in range(3)]
+            out[:, :, k0:k1] = cells[ci[0], ci[1], ci[2]].reshape(sub_shape[0], sub_shape[1], k1 - k0)
+    mixed = np.flatnonzero(out.reshape(-1, order=order) == MIXED)  # a view: out is contiguous in ``order``
+    flat_out = out.reshape(-1, order=order)
+    size = np.maximum(cn - 1, 1)
+    for start in range(0, len(mixed), max(1, slab_voxels)):
+        flat = mixed[start:start + slab_voxels]
+        ijk = np.stack(np.unravel_index(flat, sub_shape, order=order), axis=-1)
+        pos = ijk @ m[:3, :3].T + m[:3, 3]  # same arithmetic as _slab_grids
+        norm = 2.0 * pos / size - 1.0
+        grid = torch.from_numpy(np.ascontiguousarray(norm[:, ::-1], dtype=np.float32)).view(1, 1, 1, -1, 3)
+        scores = _sample(src, grid, "bilinear")[0, :, 0, 0]  # (C, n)
+        flat_out[flat] = scores.argmax(dim=0).to(torch.uint8).numpy()
+    labels[lo[0]:hi[0] + 1, lo[1]:hi[1] + 1, lo[2]:hi[2] + 1] = out
     return labels
+
+
+def _cell_index(pos: np.ndarray, n: int, c_lo: int, ncell: int) -> np.ndarray:
+    """Index (relative to a crop starting at ``c_lo`` with ``ncell`` cells) of the cell holding each
+    canonical coordinate ``pos`` along an axis of ``n`` samples (border-clamped like grid_sample)."""
+    p = np.clip(pos, 0.0, n - 1)
+    return np.clip(np.floor(p).astype(np.int64) - c_lo, 0, ncell - 1)
 
 
 def foreground_roi(coarse_labels: np.ndarray, canon: Geometry, geom: Geometry, margin_vox: int = 2

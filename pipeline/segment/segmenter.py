@@ -1,14 +1,18 @@
 """Segmenter: a loaded bundle on a device; Volume in, Segmentation (on the Volume's grid) out.
 
 preprocess: resample HU to the canonical LPS grid at the model's spacing, normalise.
-inference: MONAI sliding-window inference (gaussian blending; autocast on CUDA).
-postprocess: logits back to the input grid slab by slab (trilinear + argmax), only inside the
-box where the coarse result has foreground.
+inference: MONAI sliding-window inference (gaussian blending; autocast on CUDA). The windows are
+planned per volume (``plan_windows``): no larger than the bundle's ``inference_roi``, but shrunk
+to just cover the volume with the same number of windows (on a 239x239x200 grid: 8 windows of
+144x144x120 instead of 8 of 160^3, 1.65x fewer voxels through the network).
+postprocess: logits back to the input grid (trilinear + argmax, exact; only cells near a label
+boundary are actually sampled), only inside the box where the coarse result has foreground.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from contextlib import nullcontext
 from typing import Any
 
@@ -19,7 +23,13 @@ from monai.inferers import sliding_window_inference
 from pipeline.config import InferenceConfig
 from pipeline.errors import InputError
 from pipeline.segment.bundle import Bundle, load_bundle
-from pipeline.segment.resample import canonical_geometry, foreground_roi, logits_to_labels, to_canonical
+from pipeline.segment.resample import (
+    argmax_channels,
+    canonical_geometry,
+    foreground_roi,
+    logits_to_labels,
+    to_canonical,
+)
 from pipeline.types import Segmentation, Volume
 
 log = logging.getLogger("osteoplan.segment")
@@ -66,6 +76,61 @@ def _size_divisor(network: dict[str, Any]) -> int:
     return max(k, 1)
 
 
+def _window_count(size: int, window: int, overlap: float) -> int:
+    """Windows MONAI's ``sliding_window_inference`` places along an axis of ``size`` voxels."""
+    if window >= size:
+        return 1  # the image is padded up to the window
+    step = max(int(window * (1 - overlap)), 1)
+    d = 0
+    while d * step + window < size:
+        d += 1
+    return d + 1
+
+
+def plan_windows(shape: tuple[int, ...], roi: tuple[int, ...], sw_batch_size: int, overlap: float,
+                 divisor: int) -> tuple[tuple[int, int, int], int]:
+    """(window size, windows per forward pass) for sliding-window inference over ``shape``.
+
+    The bundle's ``roi`` is the largest window, as before; a window side is now the smallest
+    multiple of ``divisor`` (at least 60% of ``roi``'s side, where the volume is that large) that
+    still gives the same tiling count as the bundle's window. On a 239x239x200 grid: 8 windows of
+    144x144x120 instead of 8 of 160^3, 1.65x fewer voxels through the network; a volume smaller
+    than ``roi`` is one window just covering it. Windows are not made larger than ``roi``: the
+    network uses instance normalisation, so its output depends on the window it sees, and larger
+    windows than the bundle's scored worse on lesions (BENCHMARKS.md). Among the allowed sizes
+    the tiling with the fewest voxels (as MONAI places windows with ``overlap``) wins; ties: fewer
+    windows, then the larger smallest side. Windows per pass: as many as fit
+    ``prod(roi) * sw_batch_size`` voxels, at most ``sw_batch_size``.
+    """
+    k = max(int(divisor), 1)
+    budget = max(math.prod(int(r) for r in roi) * max(int(sw_batch_size), 1), k ** 3)
+    per_axis: list[dict[int, int]] = []  # window count -> smallest window side giving it
+    for size, r in zip(shape, roi):
+        top = -(-int(size) // k) * k  # the volume's side rounded up: one window
+        cap = top if top <= int(r) else max(k, (int(r) // k) * k)
+        least = min(cap, -(-int(math.ceil(0.6 * int(r))) // k) * k)
+        best: dict[int, int] = {}
+        for w in range(least, cap + 1, k):
+            best.setdefault(_window_count(int(size), w, overlap), w)
+        per_axis.append(best)
+    key_best: tuple[int, int, int] | None = None
+    window: tuple[int, int, int] | None = None
+    for n0, w0 in per_axis[0].items():
+        for n1, w1 in per_axis[1].items():
+            for n2, w2 in per_axis[2].items():
+                vox = w0 * w1 * w2
+                if vox > budget:
+                    continue
+                n = n0 * n1 * n2
+                key = (n * vox, n, -min(w0, w1, w2))
+                if key_best is None or key < key_best:
+                    key_best, window = key, (w0, w1, w2)
+    if window is None:  # the budget is below the smallest allowed window: the roi, one at a time
+        window = tuple(min(int(r), -(-int(s) // k) * k) for r, s in zip(roi, shape))  # type: ignore[assignment]
+        return window, 1  # type: ignore[return-value]
+    return window, max(1, min(int(sw_batch_size), budget // math.prod(window)))
+
+
 class Segmenter:
     """Holds the network on its device. Create once per process, call ``segment`` per study."""
 
@@ -96,11 +161,10 @@ class Segmenter:
     def predict_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Canonical normalised image (1, 1, X, Y, Z) -> logits (1, C, X, Y, Z) float32 on CPU."""
         sw = self.config.sliding_window
-        k = self.size_divisor  # small images: a window just covering them, rounded up to what the net divides by
-        roi = tuple(min(r, -(-s // k) * k) for r, s in zip(self.roi, x.shape[2:]))
+        roi, batch = plan_windows(tuple(x.shape[2:]), self.roi, sw.sw_batch_size, sw.overlap, self.size_divisor)
         with self._autocast():
             out = sliding_window_inference(
-                x.to(self.device), roi_size=roi, sw_batch_size=sw.sw_batch_size, predictor=self.net,
+                x.to(self.device), roi_size=roi, sw_batch_size=batch, predictor=self.net,
                 overlap=sw.overlap, mode=sw.mode, sw_device=self.device, device=torch.device("cpu"),
             )
         return out.float()
@@ -118,13 +182,16 @@ class Segmenter:
             logits = self.predict_logits(x)
             del x
         with timer.stage("postprocess"):
-            coarse = logits[0].argmax(dim=0).numpy()
+            coarse = argmax_channels(logits[0]).numpy()
             roi = foreground_roi(coarse, canon, volume.geometry, margin_vox=2)
+            # same memory order as the image (the DICOM loader's is slice-major "F"): writers copy less
+            order = "F" if (volume.array.flags.f_contiguous and not volume.array.flags.c_contiguous) else "C"
             if roi is None:
-                labels = np.zeros(volume.geometry.shape, np.uint8)
+                labels = np.zeros(volume.geometry.shape, np.uint8, order=order)
             else:
                 labels = logits_to_labels(logits, canon, volume.geometry,
-                                          slab_voxels=self.config.memory.upsample_slab_voxels, roi_ijk=roi)
+                                          slab_voxels=self.config.memory.upsample_slab_voxels, roi_ijk=roi,
+                                          order=order)
         info = self.bundle.info
         if fast:
             info = type(info)(name=info.name, version=info.version, sha256=info.sha256, spacing_mm=spacing)
