@@ -6,8 +6,8 @@
   ``imagesTr/<case>_0000.nii.gz``, ``labelsTr/<case>.nii.gz``, ``dataset.json``. Their label values
   are mapped to ours by ``label_map`` (source value -> 0..3), e.g. for VerSe / CTSpine1K every
   vertebra id -> 3; for Spine-Mets-CT-SEG the lesion labels -> 2. If the source has no canal label
-  and ``derive_canal`` is set, the canal is derived from the vertebra masks (the vertebral foramen:
-  per axial slice, the holes enclosed by bone, see ``derive_canal_from_bone``).
+  and ``derive_canal`` is set, the canal is derived from the vertebra masks (the vertebral foramen,
+  see ``pipeline.train.real_insert.derive_canal``).
 """
 
 from __future__ import annotations
@@ -18,11 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from scipy import ndimage
 
 from pipeline.segment.resample import canonical_geometry, to_canonical
 from pipeline.train.phantom import make_phantom
-from pipeline.types import BONE, CANAL, Geometry
+from pipeline.types import BONE, CANAL, LESION, Geometry
 
 log = logging.getLogger("osteoplan.train.data")
 
@@ -47,21 +46,6 @@ def phantom_cases(n: int, seed: int, spacing: tuple[float, float, float], fast_s
                           n_lesions=int(rng.choice([0, 1, 2, 3, 4], p=[0.1, 0.25, 0.3, 0.2, 0.15])))
         cases.append(Case(ph.hu.astype(np.float32), ph.labels, f"phantom-{seed}-{idx}"))
     return cases
-
-
-def derive_canal_from_bone(bone: np.ndarray) -> np.ndarray:
-    """Canal = per-axial-slice holes enclosed by bone (the vertebral foramen), on an LPS-aligned grid.
-
-    Slices where the arch is not closed give no canal; gaps along S are bridged by closing.
-    """
-    canal = np.zeros_like(bone, bool)
-    for k in range(bone.shape[2]):
-        sl = bone[:, :, k]
-        if sl.any():
-            filled = ndimage.binary_fill_holes(sl)
-            canal[:, :, k] = filled & ~sl
-    canal = ndimage.binary_opening(canal, iterations=1)
-    return ndimage.binary_closing(canal, structure=np.ones((1, 1, 5), bool))
 
 
 def nnunet_cases(root: Path, label_map: dict[int, int], spacing: tuple[float, float, float],
@@ -96,7 +80,9 @@ def nnunet_cases(root: Path, label_map: dict[int, int], spacing: tuple[float, fl
         onehot = torch.from_numpy(np.stack([mapped == c for c in range(4)]).astype(np.float32))[None]
         lab_c = _resample_onehot(onehot, vol.geometry, canon)
         if derive_canal and not (lab_c == CANAL).any():
-            canal = derive_canal_from_bone(lab_c == BONE)
+            from pipeline.train.real_insert import derive_canal as derive
+
+            canal = derive((lab_c == BONE) | (lab_c == LESION), canon.spacing)  # lesions are bone, not holes
             lab_c[canal & (lab_c == 0)] = CANAL
         cases.append(Case(img.astype(np.float32), lab_c, case))
     return cases

@@ -77,6 +77,8 @@ class TrainConfig(BaseModel):
     inference_roi: tuple[int, int, int] = (160, 160, 160)
     batch_size: int = 2
     max_steps: int = 3000
+    stop_at_step: int | None = Field(None, ge=1, description="end the run at this step; the learning-rate "
+                                     "schedule still spans max_steps (a shortened run stays reproducible)")
     lr: float = 2e-3
     weight_decay: float = 1e-5
     class_ratios: tuple[float, float, float, float] = (1.0, 1.0, 3.0, 1.0)
@@ -277,7 +279,8 @@ def train_from_config(config_path: Path, resume: bool = True, max_steps: int | N
     rng = np.random.default_rng(cfg.seed + rank + step)
     t0, t_log = time.time(), time.time()
     model.train()
-    while step < cfg.max_steps:
+    last_step = min(cfg.max_steps, cfg.stop_at_step or cfg.max_steps)
+    while step < last_step:
         batch_x, batch_y = [], []
         for _ in range(cfg.batch_size):
             img, lab = train_pool[int(rng.integers(len(train_pool)))]
@@ -302,7 +305,7 @@ def train_from_config(config_path: Path, resume: bool = True, max_steps: int | N
             log.info("step %d/%d loss %.4f (%.2f s/step)", step, cfg.max_steps, loss.item(), (time.time() - t_log) / 10)
             print(f"step {step}/{cfg.max_steps} loss {loss.item():.4f} {(time.time() - t_log) / 10:.2f}s/step", flush=True)
             t_log = time.time()
-        if rank == 0 and (step % cfg.val_every == 0 or step == cfg.max_steps) and val_pool:
+        if rank == 0 and (step % cfg.val_every == 0 or step == last_step) and val_pool:
             dices = _validate(net, val_pool, cfg, device, sliding_window_inference)
             mean = float(np.nanmean(list(dices.values())))
             history.append({"step": step, "dice": dices, "mean": mean, "elapsed_s": time.time() - t0})
@@ -314,7 +317,7 @@ def train_from_config(config_path: Path, resume: bool = True, max_steps: int | N
                 best = mean
                 torch.save(net.state_dict(), work / "best.pt")
             model.train()
-        if rank == 0 and (step % cfg.ckpt_every == 0 or step == cfg.max_steps):
+        if rank == 0 and (step % cfg.ckpt_every == 0 or step == last_step):
             _save_ckpt(ckpt, net, opt, sched, step, best, history)
     if distributed:
         torch.distributed.destroy_process_group()
