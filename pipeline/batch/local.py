@@ -71,7 +71,14 @@ def run_pool(tasks: list[Task], settings: BatchSettings, workers: int, on_result
     messages a dying process failed to flush.
     """
     ctx = mp.get_context("spawn")
-    result_q: Any = ctx.Queue()
+    # SimpleQueue: put() writes to the pipe before returning (no feeder thread), so a message a
+    # worker sent survives that worker dying right after (a Queue could lose its "done").
+    result_q: Any = ctx.SimpleQueue()
+
+    def receive(timeout: float) -> tuple:
+        if not result_q._reader.poll(timeout):
+            raise queue.Empty
+        return result_q.get()
     pending: deque[int] = deque(range(len(tasks)))
     procs: dict[int, Any] = {}
     inbox: dict[int, Any] = {}
@@ -119,7 +126,7 @@ def run_pool(tasks: list[Task], settings: BatchSettings, workers: int, on_result
     def drain() -> None:
         while True:
             try:
-                handle(result_q.get_nowait())
+                handle(receive(0.0))
             except queue.Empty:
                 return
 
@@ -129,7 +136,7 @@ def run_pool(tasks: list[Task], settings: BatchSettings, workers: int, on_result
         while len(done) < len(tasks):
             refill()
             try:
-                handle(result_q.get(timeout=0.5))
+                handle(receive(0.5))
             except queue.Empty:
                 pass
             dead = [wid for wid, p in procs.items() if p.exitcode is not None]
@@ -160,7 +167,7 @@ def run_pool(tasks: list[Task], settings: BatchSettings, workers: int, on_result
                 p.join(timeout=5)
         for q in inbox.values():
             q.cancel_join_thread()
-        result_q.cancel_join_thread()
+        result_q.close()
 
 
 def _died_entry(task: Task, settings: BatchSettings, exitcode: int | None, wid: int,
