@@ -127,3 +127,24 @@ def test_single_file_root(tmp_path):
     path = make_nifti(tmp_path / "one.nii.gz", 1)
     studies, _ = discover_studies(path)
     assert [(s.key, s.kind, s.rel) for s in studies] == [("one", "nifti", "one.nii.gz")]
+
+
+def test_files_without_study_and_sop_uids_form_one_study_per_folder(tmp_path):
+    """Real scanners write empty Study/SOP Instance UIDs (the Siemens slab): still one study per folder."""
+    import numpy as np
+    import pydicom
+
+    from pipeline.batch.discover import discover_studies as discover
+    from pipeline.io.dicom_write import write_ct_series
+    from pipeline.types import Geometry
+
+    geom = Geometry(shape=(16, 16, 5), spacing=(1.0, 1.0, 2.0), origin=(0, 0, 0), direction=np.eye(3))
+    write_ct_series(np.zeros(geom.shape, np.int16), geom, tmp_path / "in" / "scan")
+    for f in (tmp_path / "in" / "scan").iterdir():
+        ds = pydicom.dcmread(f)
+        ds.StudyInstanceUID = ""
+        ds.SOPInstanceUID = ""
+        ds.file_meta.MediaStorageSOPInstanceUID = "1.2.3"
+        ds.save_as(f)
+    studies, _ = discover(tmp_path / "in")
+    assert [(s.kind, s.key, len(s.files)) for s in studies] == [("dicom", "scan", 5)]

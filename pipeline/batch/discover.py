@@ -31,6 +31,7 @@ from pipeline.errors import InputError
 
 log = logging.getLogger("osteoplan.batch")
 
+NO_UID_PREFIX = "no-study-uid:"
 HEADER_TAGS = ["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID", "Modality"]
 MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"  # DICOMDIR
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
@@ -188,7 +189,13 @@ def read_header(path: Path) -> DicomHeader | str:
         return "unreadable" if has_preamble else "not-dicom"
     if sop_class == MEDIA_STORAGE_DIRECTORY:
         return "not-dicom"
-    if not (_looks_like_uid(study) and _looks_like_uid(sop)):
+    if not study and not sop and has_preamble and modality:
+        # Real files do come with empty Study/SOP Instance UIDs (the Siemens slab in the shared
+        # test data): such files form one study per folder, instances known by name and size.
+        study = f"{NO_UID_PREFIX}{path.parent}"
+    if study and not _looks_like_uid(sop):
+        sop = f"no-sop-uid:{path.name}:{size}"
+    if not ((_looks_like_uid(study) or study.startswith(NO_UID_PREFIX)) and sop):
         # With a preamble: a truncated or broken header. Without: force=True on a random file
         # yields an empty dataset, which is not DICOM.
         return "unreadable" if has_preamble else "not-dicom"
@@ -214,8 +221,9 @@ def _group_dicom(headers: list[DicomHeader], base: Path, stats: DiscoveryStats) 
         for h in kept:
             series[h.series_uid].append(h)
         folder = Path(os.path.commonpath([str(h.path.parent) for h in kept]))
+        key = Path(uid[len(NO_UID_PREFIX):]).name if uid.startswith(NO_UID_PREFIX) else uid  # as run_study names it
         studies.append(Study(
-            key=uid, kind="dicom", input_path=folder, rel=_rel(folder, base), shard_key=f"dicom:{uid}",
+            key=key, kind="dicom", input_path=folder, rel=_rel(folder, base), shard_key=f"dicom:{uid}",
             files=tuple(h.path for h in kept),
             sop_sizes=tuple(sorted((h.sop_uid, h.size) for h in kept)),
             series=tuple(sorted((SeriesInfo(s, v[0].modality, len(v)) for s, v in series.items()),
