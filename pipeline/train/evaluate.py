@@ -79,13 +79,16 @@ def hd95(pred: np.ndarray, truth: np.ndarray, spacing: tuple[float, float, float
     return float(max(np.percentile(d_pt, percentile), np.percentile(d_tp, percentile)))
 
 
-def lesion_instances(labels: np.ndarray, geometry: Geometry, min_volume_ml: float) -> np.ndarray:
-    """uint16 map of the lesion components that ``measure_lesions`` keeps, numbered like its lesions."""
+def lesion_instances(labels: np.ndarray, geometry: Geometry, min_volume_ml: float,
+                     require_bone_contact: bool = False) -> np.ndarray:
+    """uint16 map of the lesion components that ``measure_lesions`` keeps, numbered like its lesions
+    (pass the same postprocessing settings as the run)."""
     from pipeline.measure.lesions import _components, _label_slices
 
     inst = np.zeros(labels.shape, np.uint16)
     region = _label_slices(np.asarray(labels, np.uint8))[LESION]
-    for n, (mask, offset) in enumerate(_components(labels, region, geometry, min_volume_ml), start=1):
+    for n, (mask, offset) in enumerate(_components(labels, region, geometry, min_volume_ml, require_bone_contact),
+                                       start=1):
         crop = tuple(slice(o, o + s) for o, s in zip(offset, mask.shape))
         inst[crop][mask] = n
     return inst
@@ -253,8 +256,8 @@ def evaluate_case(runner, case: EvalCase, fast: bool = False) -> dict[str, Any]:
     out: dict[str, Any] = {"case": case.name, "shape": list(geom.shape), "spacing_mm": [round(s, 4) for s in geom.spacing]}
     out["classes"] = {k: {m: _finite(v) if m == "dice" else (None if math.isnan(v) else v) for m, v in d.items()}
                       for k, d in class_metrics(seg.labels, case.truth, geom.spacing).items()}
-    pred_inst = lesion_instances(seg.labels, geom, post.min_lesion_volume_ml)
-    true_inst = lesion_instances(case.truth, geom, post.min_lesion_volume_ml)
+    pred_inst = lesion_instances(seg.labels, geom, post.min_lesion_volume_ml, post.require_bone_contact)
+    true_inst = lesion_instances(case.truth, geom, post.min_lesion_volume_ml, post.require_bone_contact)
     det = detect(pred_inst, true_inst)
     out["detection"] = {"n_true": det.n_true, "n_pred": det.n_pred, "detected": det.detected,
                         "false_positives": det.false_positives, "sensitivity": _finite(det.sensitivity)}
