@@ -7,7 +7,7 @@ PY := $(BIN)/python
 SAMPLE ?= data_samples/phantom01
 OUT ?= out
 
-.PHONY: venv run test test-fast bench bench-gpu train train-gpu evaluate samples fuzz lint clean
+.PHONY: venv run test test-fast bench bench-gpu train evaluate samples fuzz lint clean
 
 $(BIN)/python:
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) (or set PYTHON=...)"; exit 2; }
@@ -39,9 +39,6 @@ samples: venv
 train: venv
 	$(BIN)/osteoplan train --config configs/train.yaml
 	$(BIN)/osteoplan train --config configs/train_real.yaml
-
-train-gpu: venv
-	$(BIN)/osteoplan train --config configs/train_gpu.yaml
 
 evaluate: venv
 	$(BIN)/python scripts/evaluate_real.py
