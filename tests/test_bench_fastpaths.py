@@ -24,23 +24,9 @@ from pipeline.segment.resample import (
 )
 from pipeline.segment.segmenter import _window_count, plan_windows
 from pipeline.types import Geometry
+from test_segment_resample import DIRECTIONS  # the same orientations, oblique included
 
 
-def _rot(a: float, b: float, c: float) -> np.ndarray:
-    ca, sa, cb, sb, cc, sc = np.cos(a), np.sin(a), np.cos(b), np.sin(b), np.cos(c), np.sin(c)
-    rx = np.array([[1, 0, 0], [0, ca, -sa], [0, sa, ca]])
-    ry = np.array([[cb, 0, sb], [0, 1, 0], [-sb, 0, cb]])
-    rz = np.array([[cc, -sc, 0], [sc, cc, 0], [0, 0, 1]])
-    return rx @ ry @ rz
-
-
-DIRECTIONS = {
-    "HFS": np.eye(3),
-    "FFS": np.diag([-1.0, 1.0, -1.0]),
-    "HFP": np.diag([-1.0, -1.0, 1.0]),
-    "permuted": np.array([[0.0, 1, 0], [0, 0, -1], [-1, 0, 0]]),
-    "oblique": _rot(0.2, -0.15, 0.3),
-}
 
 
 def _reference_labels(logits: torch.Tensor, canon: Geometry, geom: Geometry) -> np.ndarray:
