@@ -131,8 +131,9 @@ def test_error_messages_carry_no_identity(identified, tmp_path, shipped_model):
     cases = [
         (["run", str(scout_only), "-o", str(tmp_path / "o1")], 3),
         (["run", str(identified[0]), "-o", str(tmp_path / "o2"), "--series", "1.2.3.4.5.6.7.8.9"], 2),
-        (["run", str(identified[0]), "-o", str(tmp_path / "o3"), "--series",
-          next(s for s in secrets if s.count(".") > 5)], 2),
+        # a real UID of the input that is not a series (an instance's): "no such series", exit 2
+        (["run", str(identified[0]), "-o", str(tmp_path / "o3"), "--series", str(pydicom.dcmread(
+            next(p for p in sorted(identified[0].rglob("*")) if p.is_file()), stop_before_pixels=True).SOPInstanceUID)], 2),
     ]
     for args, code in cases:
         rc, stdout, stderr = run_main(args)
