@@ -9,7 +9,9 @@ from pipeline import DISCLAIMER
 
 
 def print_study_summary(result, console: Console | None = None) -> None:
-    console = console or Console()
+    import sys
+
+    console = console or Console(width=None if sys.stdout.isatty() else 150)  # no wrapping in logs/pipes
     rep = result.report
     console.print(f"[bold]Report:[/bold] {result.study_dir / 'report.json'}")
     if (result.study_dir / "report.html").exists():
