@@ -16,6 +16,7 @@ import typer
 
 from pipeline.errors import OsteoplanError
 from pipeline.logs import setup_logging
+from pipeline.study import ALL_FORMATS
 
 app = typer.Typer(
     add_completion=False,
@@ -24,9 +25,6 @@ app = typer.Typer(
     help="osteoplan: bone-metastasis planning from CT (decision support, not a medical device).",
 )
 log = logging.getLogger("osteoplan")
-
-ALL_FORMATS = ("json", "csv", "nifti", "seg", "sr", "html")
-
 
 def parse_formats(value: str) -> tuple[str, ...]:
     if value.strip().lower() in ("all", ""):
