@@ -65,3 +65,15 @@ def set_tags(path: Path, **values) -> None:
         else:
             setattr(ds, k, v)
     ds.save_as(path)
+
+
+MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
+
+
+def write_mr_series(tmp: Path, shape=(6, 6, 4)):
+    """A small series written as CT, then relabelled MR (Modality and SOP class): not a CT."""
+    g = geometry(shape=shape)
+    src = write_ct_series(random_hu(g.shape, 1), g, tmp)
+    for f in src.files:
+        set_tags(f, Modality="MR", SOPClassUID=MR_IMAGE_STORAGE)
+    return src

@@ -14,7 +14,7 @@ from pipeline.io.dicom_write import write_ct_series
 from pipeline.io.load import load_input
 from pipeline.types import Geometry
 
-from io_helpers import assert_same_patient_content, geometry, random_hu
+from io_helpers import assert_same_patient_content, geometry, random_hu, write_mr_series
 
 
 def _linear_hu(geom: Geometry) -> tuple[np.ndarray, callable]:
@@ -253,13 +253,7 @@ def test_only_broken_dicom_is_an_input_error(tmp_path):
 
 
 def test_mr_with_a_broken_file_is_still_no_ct(tmp_path):
-    g = geometry(shape=(6, 6, 4))
-    src = write_ct_series(random_hu(g.shape, 1), g, tmp_path)
-    for f in src.files:
-        ds = pydicom.dcmread(f)
-        ds.Modality = "MR"
-        ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.4"
-        ds.save_as(f)
+    src = write_mr_series(tmp_path)
     data = src.files[0].read_bytes()
     src.files[0].write_bytes(data[:-30])
     with pytest.raises(NoCTSeriesError, match="3 MR images"):

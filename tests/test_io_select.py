@@ -17,7 +17,7 @@ from pipeline.io.dicom_write import write_ct_series, write_localizer
 from pipeline.io.load import load_dicom_files, load_input
 from pipeline.io.discover import list_files
 
-from io_helpers import assert_same_patient_content, geometry, random_hu, rotation, write_enhanced_ct
+from io_helpers import assert_same_patient_content, geometry, random_hu, rotation, write_enhanced_ct, write_mr_series
 
 
 def _study(tmp: Path, thick=2.0, thin=1.0):
@@ -99,13 +99,7 @@ def test_sagittal_only_is_accepted(tmp_path):
 
 
 def test_mr_only_is_no_ct(tmp_path):
-    g = geometry(shape=(6, 6, 4))
-    src = write_ct_series(random_hu(g.shape, 1), g, tmp_path)
-    for f in src.files:
-        ds = pydicom.dcmread(f)
-        ds.Modality = "MR"
-        ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.4"
-        ds.save_as(f)
+    write_mr_series(tmp_path)
     with pytest.raises(NoCTSeriesError, match="4 MR images"):
         load_input(tmp_path)
 
