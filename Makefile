@@ -7,7 +7,7 @@ PY := $(BIN)/python
 SAMPLE ?= data_samples/phantom01
 OUT ?= out
 
-.PHONY: venv run test test-fast bench bench-gpu train evaluate samples fuzz lint clean
+.PHONY: venv run test test-fast bench bench-gpu train train-gpu evaluate samples fuzz lint clean
 
 $(BIN)/python:
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) (or set PYTHON=...)"; exit 2; }
@@ -39,6 +39,10 @@ samples: venv
 train: venv
 	$(BIN)/osteoplan train --config configs/train.yaml
 	$(BIN)/osteoplan train --config configs/train_real.yaml
+
+## Stage 3 on a CUDA GPU (fine-tunes stage 2's run; see configs/train_gpu.yaml): the shipped weights
+train-gpu: venv
+	$(BIN)/osteoplan train --config configs/train_gpu.yaml --no-resume
 
 evaluate: venv
 	$(BIN)/python scripts/evaluate_real.py

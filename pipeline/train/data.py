@@ -34,18 +34,38 @@ class Case:
 
 
 def phantom_cases(n: int, seed: int, spacing: tuple[float, float, float], fast_spacing: tuple[float, float, float],
-                  shape: tuple[int, int, int], domain_randomise_prob: float, fast_share: float) -> list[Case]:
+                  shape: tuple[int, int, int], domain_randomise_prob: float, fast_share: float,
+                  workers: int = 0) -> list[Case]:
+    """``n`` randomised phantoms. The draws are made here in one stream, so ``workers`` (processes)
+    changes the speed, never the result."""
     rng = np.random.default_rng(seed)
-    cases = []
+    jobs = []
     for idx in range(n):
         s = int(rng.integers(0, 2**31 - 1))
         coarse = rng.random() < fast_share
         sp = np.asarray(fast_spacing if coarse else spacing) * rng.uniform(0.9, 1.1, 3)
-        ph = make_phantom(s, shape=shape, spacing=tuple(sp), orientation="HFS",
-                          domain_randomise=bool(rng.random() < domain_randomise_prob),
-                          n_lesions=int(rng.choice([0, 1, 2, 3, 4], p=[0.1, 0.25, 0.3, 0.2, 0.15])))
-        cases.append(Case(ph.hu.astype(np.float32), ph.labels, f"phantom-{seed}-{idx}"))
-    return cases
+        dr = bool(rng.random() < domain_randomise_prob)
+        n_les = int(rng.choice([0, 1, 2, 3, 4], p=[0.1, 0.25, 0.3, 0.2, 0.15]))
+        jobs.append((s, tuple(shape), tuple(float(v) for v in sp), dr, n_les, f"phantom-{seed}-{idx}"))
+    return parallel_map(_phantom_case, jobs, workers)
+
+
+def _phantom_case(job: tuple) -> Case:
+    s, shape, sp, dr, n_les, name = job
+    ph = make_phantom(s, shape=shape, spacing=sp, orientation="HFS", domain_randomise=dr, n_lesions=n_les)
+    return Case(ph.hu.astype(np.float32), ph.labels, name)
+
+
+def parallel_map(fn, jobs: list, workers: int, initializer=None, initargs: tuple = ()) -> list:
+    """``[fn(j) for j in jobs]``, in ``workers`` forked processes when ``workers > 1`` (order kept)."""
+    if workers <= 1 or len(jobs) <= 1:
+        if initializer is not None:
+            initializer(*initargs)
+        return [fn(j) for j in jobs]
+    import multiprocessing as mp
+
+    with mp.get_context("fork").Pool(min(workers, len(jobs)), initializer=initializer, initargs=initargs) as pool:
+        return pool.map(fn, jobs, chunksize=1)
 
 
 def nnunet_cases(root: Path, label_map: dict[int, int], spacing: tuple[float, float, float],

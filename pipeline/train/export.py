@@ -58,6 +58,10 @@ def export_bundle(cfg, state_dict: dict, history: list[dict], workdir: Path, ela
         "training": {
             "data": cfg.data.model_dump(),
             "steps": int(last.get("step", 0)),
+            "schedule_steps": cfg.max_steps,
+            "init_from": cfg.init_from,
+            "time_limit_s": cfg.time_limit_s,
+            "num_workers": cfg.num_workers,
             "seed": cfg.seed,
             "batch_size": cfg.batch_size,
             "lr": cfg.lr,

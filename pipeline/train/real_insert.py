@@ -540,17 +540,38 @@ def make_case(ct: RealCT, rng: np.random.Generator, max_lesions: int = 4,
 
 def real_insert_cases(data_root: Path, n_cases: int, seed: int, spacing: tuple[float, float, float],
                       sources: tuple[str, ...] = SOURCES, max_lesions: int = 4,
-                      crop_mm: tuple[float, float, float] = (180.0, 180.0, 160.0)) -> list[Case]:
-    """``n_cases`` cases spread over the available backgrounds (round robin). Empty if none exist."""
-    cts = load_backgrounds(Path(data_root), spacing, tuple(sources))
-    if not cts:
+                      crop_mm: tuple[float, float, float] = (180.0, 180.0, 160.0), workers: int = 0) -> list[Case]:
+    """``n_cases`` cases spread over the available backgrounds (round robin). Empty if none exist.
+
+    ``workers == 0``: one random stream over all cases in this process (how the stage-2 pool was made).
+    ``workers >= 1``: each case has its own seed ``(seed, i)`` and cases are made in ``workers``
+    processes; the result is the same for any ``workers >= 1``.
+    """
+    if workers <= 0:
+        cts = load_backgrounds(Path(data_root), spacing, tuple(sources))
+        if not cts:
+            return []
+        rng = np.random.default_rng(seed)
+        return [make_case(cts[i % len(cts)], rng, max_lesions, crop_mm, index=i)[0] for i in range(n_cases)]
+    from pipeline.train.data import parallel_map
+
+    _WORKER_CTS[:] = load_backgrounds(Path(data_root), spacing, tuple(sources))  # forked workers inherit them
+    if not _WORKER_CTS:
         return []
-    rng = np.random.default_rng(seed)
-    cases = []
-    for i in range(n_cases):
-        case, _ = make_case(cts[i % len(cts)], rng, max_lesions, crop_mm, index=i)
-        cases.append(case)
-    return cases
+    jobs = [(i, seed, max_lesions, tuple(crop_mm)) for i in range(n_cases)]
+    try:
+        return parallel_map(_seeded_case, jobs, workers)
+    finally:
+        _WORKER_CTS.clear()
+
+
+_WORKER_CTS: list[RealCT] = []
+
+
+def _seeded_case(job: tuple) -> Case:
+    i, seed, max_lesions, crop_mm = job
+    rng = np.random.default_rng([seed, i])
+    return make_case(_WORKER_CTS[i % len(_WORKER_CTS)], rng, max_lesions, crop_mm, index=i)[0]
 
 
 # ------------------------------------------------------------------------------------------- previews

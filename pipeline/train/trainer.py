@@ -61,6 +61,9 @@ class DataConfig(BaseModel):
     nnunet: NnunetSource = NnunetSource()
     real_insert: RealInsertSource = RealInsertSource()
     refresh_every: int = Field(0, ge=0, description="regenerate this many phantoms... 0 = never")
+    pool_workers: int = Field(0, ge=0, description="processes that build the training pool. 0: this process, "
+                              "with one sequential random stream (how stages 1-2 were made); N > 0: N processes, "
+                              "each real-CT case seeded on its own (the same pool for any N > 0)")
 
 
 class TrainConfig(BaseModel):
@@ -85,6 +88,11 @@ class TrainConfig(BaseModel):
     val_every: int = 250
     ckpt_every: int = 100
     threads: int = 0
+    num_workers: int = Field(0, ge=0, description="DataLoader processes that crop and augment patches (0: in the "
+                             "training loop, as stages 1-2 were made; on a GPU use most CPU cores)")
+    time_limit_s: float | None = Field(None, gt=0, description="wall-time budget of the training loop: after 60 "
+                                       "steps the schedule is shortened to the steps that fit (recorded in the "
+                                       "bundle; reproduce with max_steps set to it)")
     amp: bool = True
     init_from: str | None = Field(None, description="start from these weights: a bundle folder, a state dict "
                                   "(.pt) or a run's checkpoint.pt (fine-tuning); relative to the repo")
@@ -148,7 +156,7 @@ def _build_pool(cfg: TrainConfig, rank: int, cache_dir: Path):
     else:
         t0 = time.time()
         tr = phantom_cases(pc.n_train, cfg.seed * 1000 + rank, cfg.target_spacing_mm, cfg.fast_spacing_mm, pc.shape,
-                           pc.domain_randomise_prob, pc.fast_share)
+                           pc.domain_randomise_prob, pc.fast_share, workers=cfg.data.pool_workers)
         va = phantom_cases(pc.n_val, 10_000_000 + cfg.seed, cfg.target_spacing_mm, cfg.fast_spacing_mm, pc.shape,
                            0.0, 0.0)
         train = [(_normalise_np(c.image, cfg.intensity), c.labels) for c in tr]
@@ -183,7 +191,7 @@ def _real_insert_pool(cfg: TrainConfig, rank: int) -> list[tuple[np.ndarray, np.
     if not root.is_dir():
         raise InputError(f"data.real_insert: data_root {root} does not exist")
     cases = real_insert_cases(root, ri.n_cases, cfg.seed * 1000 + rank + 555, cfg.target_spacing_mm, ri.sources,
-                              ri.max_lesions, ri.crop_mm)
+                              ri.max_lesions, ri.crop_mm, workers=cfg.data.pool_workers)
     if not cases:
         raise InputError(f"data.real_insert: no allowed real CT background found under {root}")
     log.info("added %d real-CT cases with inserted lesions (x%d)", len(cases), ri.repeat)
@@ -240,6 +248,8 @@ def train_from_config(config_path: Path, resume: bool = True, max_steps: int | N
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu":
         torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
+    else:
+        torch.backends.cudnn.benchmark = True  # fixed patch size: let cuDNN pick its fastest kernels
     seed_everything(cfg.seed + rank)
     train_pool, val_pool = _build_pool(cfg, rank, work / "cache")
     net = build_network(cfg.network).to(device)
@@ -248,8 +258,9 @@ def train_from_config(config_path: Path, resume: bool = True, max_steps: int | N
         log.info("initialised from %s", cfg.init_from)
     model = torch.nn.parallel.DistributedDataParallel(net) if distributed else net
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched_len = [cfg.max_steps]  # the cosine schedule's length; time_limit_s may shorten it
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: 0.05 + 0.95 * 0.5 * (1 + np.cos(np.pi * min(s, cfg.max_steps) / max(cfg.max_steps, 1))))
+        opt, lambda s: 0.05 + 0.95 * 0.5 * (1 + np.cos(np.pi * min(s, sched_len[0]) / max(sched_len[0], 1))))
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, batch=True)
     use_amp = cfg.amp and device.type == "cuda"
     amp_dtype = torch.bfloat16 if (use_amp and torch.cuda.is_bf16_supported()) else torch.float16
@@ -262,6 +273,7 @@ def train_from_config(config_path: Path, resume: bool = True, max_steps: int | N
         opt.load_state_dict(state["opt"])
         sched.load_state_dict(state["sched"])
         step, best, history = state["step"], state.get("best", -1.0), state.get("history", [])
+        sched_len[0] = int(state.get("schedule_steps", cfg.max_steps))
         torch.set_rng_state(state["torch_rng"])
         np.random.set_state(state["np_rng"])
         random.setstate(state["py_rng"])
@@ -277,19 +289,19 @@ def train_from_config(config_path: Path, resume: bool = True, max_steps: int | N
     tf = _transforms(cfg)
     tf.set_random_state(seed=cfg.seed + rank + step)
     rng = np.random.default_rng(cfg.seed + rank + step)
+    batches = _loader(train_pool, cfg, seed=cfg.seed + 100_003 * rank + step, pin=device.type == "cuda")
     t0, t_log = time.time(), time.time()
     model.train()
     last_step = min(cfg.max_steps, cfg.stop_at_step or cfg.max_steps)
+    t_rate: dict[int, float] = {}
     while step < last_step:
-        batch_x, batch_y = [], []
-        for _ in range(cfg.batch_size):
-            img, lab = train_pool[int(rng.integers(len(train_pool)))]
-            d = tf({"image": img[None].astype(np.float32), "label": lab[None]})
-            d = d[0] if isinstance(d, list) else d
-            batch_x.append(torch.as_tensor(np.asarray(d["image"]), dtype=torch.float32))
-            batch_y.append(torch.as_tensor(np.asarray(d["label"])))
-        x = torch.stack(batch_x).to(device)
-        y = torch.stack(batch_y).to(device).long()
+        if batches is not None:
+            x, y = next(batches)
+            x = x.to(device, non_blocking=True)
+            y = y.to(device, non_blocking=True).long()
+        else:
+            x, y = _batch(train_pool, tf, rng, cfg.batch_size)
+            x, y = x.to(device), y.to(device).long()
         with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
             loss = loss_fn(model(x), y)
         opt.zero_grad(set_to_none=True)
@@ -298,6 +310,8 @@ def train_from_config(config_path: Path, resume: bool = True, max_steps: int | N
         scaler.update()
         sched.step()
         step += 1
+        if cfg.time_limit_s:
+            last_step = _fit_to_time(cfg, step, last_step, t0, t_rate, sched_len)
         if writer is not None:
             writer.add_scalar("train/loss", loss.item(), step)
             writer.add_scalar("train/lr", sched.get_last_lr()[0], step)
@@ -318,7 +332,7 @@ def train_from_config(config_path: Path, resume: bool = True, max_steps: int | N
                 torch.save(net.state_dict(), work / "best.pt")
             model.train()
         if rank == 0 and (step % cfg.ckpt_every == 0 or step == last_step):
-            _save_ckpt(ckpt, net, opt, sched, step, best, history)
+            _save_ckpt(ckpt, net, opt, sched, step, best, history, sched_len[0])
     if distributed:
         torch.distributed.destroy_process_group()
     if rank != 0:
@@ -326,7 +340,73 @@ def train_from_config(config_path: Path, resume: bool = True, max_steps: int | N
     from pipeline.train.export import export_bundle
 
     final_state = net.state_dict()
-    return export_bundle(cfg, final_state, history, work, elapsed_s=time.time() - t0, device=str(device))
+    cfg.max_steps = sched_len[0]  # what reproduces this run (a time limit may have shortened it)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return export_bundle(cfg, final_state, history, work, elapsed_s=time.time() - t0, device=f"{device} ({name})")
+
+
+def _sample(pool, tf, rng) -> tuple[torch.Tensor, torch.Tensor]:
+    """One augmented patch (image float32, label) from a random pool case."""
+    img, lab = pool[int(rng.integers(len(pool)))]
+    d = tf({"image": img[None].astype(np.float32), "label": lab[None]})
+    d = d[0] if isinstance(d, list) else d
+    return torch.as_tensor(np.asarray(d["image"]), dtype=torch.float32), torch.as_tensor(np.asarray(d["label"]))
+
+
+def _batch(pool, tf, rng, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    pairs = [_sample(pool, tf, rng) for _ in range(batch_size)]
+    return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+
+
+class _PatchStream(torch.utils.data.IterableDataset):
+    """Endless augmented patches; each DataLoader worker has its own seeded random streams."""
+
+    def __init__(self, pool, cfg: TrainConfig, seed: int) -> None:
+        self.pool, self.cfg, self.seed = pool, cfg, seed
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        wid = info.id if info is not None else 0
+        torch.set_num_threads(1)
+        tf = _transforms(self.cfg)
+        tf.set_random_state(seed=(self.seed * 7919 + wid) % (2**32))
+        rng = np.random.default_rng([self.seed, wid])
+        while True:
+            yield _sample(self.pool, tf, rng)
+
+
+def _loader(pool, cfg: TrainConfig, seed: int, pin: bool):
+    """Batches from ``cfg.num_workers`` processes (None: sample in the training loop)."""
+    if cfg.num_workers <= 0:
+        return None
+    import multiprocessing as mp
+
+    dl = torch.utils.data.DataLoader(_PatchStream(pool, cfg, seed), batch_size=cfg.batch_size,
+                                     num_workers=cfg.num_workers, pin_memory=pin, persistent_workers=True,
+                                     prefetch_factor=4, multiprocessing_context=mp.get_context("fork"))
+    return iter(dl)
+
+
+def _fit_to_time(cfg: TrainConfig, step: int, last_step: int, t0: float, t_rate: dict[int, float],
+                 sched_len: list[int]) -> int:
+    """With ``time_limit_s``: at step 60 shorten the schedule to the steps that fit; stop at the limit."""
+    now = time.time()
+    if step in (20, 60):
+        t_rate[step] = now
+    if step == 60 and 20 in t_rate:
+        per_step = (t_rate[60] - t_rate[20]) / 40
+        fit = step + int((cfg.time_limit_s - (now - t0)) / per_step * 0.97)
+        if fit < last_step:
+            last_step = max(step + 1, fit)
+            sched_len[0] = last_step
+            log.info("time limit %.0f s: %.3f s/step, schedule shortened to %d steps", cfg.time_limit_s, per_step,
+                     last_step)
+            print(f"time limit {cfg.time_limit_s:.0f} s at {per_step:.3f} s/step: schedule set to {last_step} steps",
+                  flush=True)
+    if now - t0 > cfg.time_limit_s and step < last_step:
+        print(f"time limit reached at step {step}", flush=True)
+        return step
+    return last_step
 
 
 def _initial_weights(spec: str) -> dict:
@@ -355,9 +435,10 @@ def _validate(net, val_pool, cfg: TrainConfig, device, swi) -> dict[int, float]:
     return {c: float(np.mean(v)) if v else float("nan") for c, v in scores.items()}
 
 
-def _save_ckpt(path: Path, net, opt, sched, step: int, best: float, history: list) -> None:
+def _save_ckpt(path: Path, net, opt, sched, step: int, best: float, history: list, schedule_steps: int) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save({"model": net.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(), "step": step,
+                "schedule_steps": schedule_steps,
                 "best": best, "history": history, "torch_rng": torch.get_rng_state(),
                 "np_rng": np.random.get_state(), "py_rng": random.getstate()}, tmp)
     os.replace(tmp, path)
