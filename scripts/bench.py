@@ -848,6 +848,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--modes", default="default,fast", help="comma list of default,fast")
     ap.add_argument("--repeat", type=int, default=1, help="runs per measurement (best is reported)")
     ap.add_argument("--skip-baseline", action="store_true", help="do not run the MONAI baseline")
+    ap.add_argument("--skip-distance", action="store_true", help="do not run the distance comparison")
     ap.add_argument("--batch", type=int, default=None, help="studies for the throughput run (default 3 on CUDA, 0 on CPU)")
     ap.add_argument("--warmup", action="store_true", help="one untimed run first (always on CUDA)")
     ap.add_argument("--cache", type=Path, default=REPO / "out" / "bench", help="where the study is generated once")
@@ -891,12 +892,18 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {"machine": machine_info(), "size": args.size, "shape": SIZES[args.size],
                                "device": args.device, "modes": args.modes}
     t_all = time.perf_counter()
+    out_dir = Path(args.cache) / "results"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    stem = f"bench-{stamp}-{args.device.replace(':', '')}-{args.size}"
 
     def step(name: str, kind: str, extra: list[str]) -> None:
         print(f"[{time.perf_counter() - t_all:6.1f} s] {name}...", flush=True)
         results[name] = run_worker(kind, args, data, extra, args.timeout)
         if "error" in results[name]:
             print(f"    {name}: {results[name]['error']}", flush=True)
+        # the parts measured so far survive an interrupted run
+        (out_dir / f"{stem}.partial.json").write_text(json.dumps(results, indent=1, default=str))
 
     labels_path = args.workdir / "model_labels.npy"
     step("bytes", "bytes", [])
@@ -909,19 +916,18 @@ def main(argv: list[str] | None = None) -> int:
         step(f"ours_{mode}", "ours", extra)
     if not args.skip_baseline:
         step("baseline", "baseline", [])
-    step("distance", "distance", ["--labels-in", str(labels_path)])
+    if not args.skip_distance:
+        step("distance", "distance", ["--labels-in", str(labels_path)])
     results["bench_wall_s"] = round(time.perf_counter() - t_all, 1)
     text, verdict = build_report(results, args)
     results["targets"] = verdict
     print()
     print(text)
     print(f"\n(benchmark wall time {results['bench_wall_s']} s)")
-    out_dir = Path(args.cache) / "results"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    path = out_dir / f"bench-{stamp}-{args.device.replace(':', '')}-{args.size}.json"
+    path = out_dir / f"{stem}.json"
     path.write_text(json.dumps(results, indent=1, default=str))
-    (out_dir / f"bench-{stamp}-{args.device.replace(':', '')}-{args.size}.md").write_text(text + "\n")
+    (out_dir / f"{stem}.partial.json").unlink(missing_ok=True)
+    (out_dir / f"{stem}.md").write_text(text + "\n")
     print(f"results: {path}")
     return 0
 
