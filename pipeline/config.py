@@ -18,6 +18,8 @@ class SlidingWindow(BaseModel):
     overlap: float = Field(0.25, ge=0.0, lt=1.0)
     sw_batch_size: int = Field(2, ge=1)
     mode: str = "gaussian"
+    min_context_vox: int = Field(64, ge=0, description="axes shorter than this (model voxels) are extended "
+                                 "by repeating edge slices before inference (thin slabs); 0 = off")
 
 
 class Postprocess(BaseModel):

@@ -115,10 +115,7 @@ class StudyRunner:
         if opts.deidentify and volume.dicom is not None and volume.dicom.study_instance_uid:
             key = anon(volume.dicom.study_instance_uid)  # stable pseudonym: resume still works
         study_dir = Path(output_root) / _safe_name(key)
-        with timer.stage("write"):
-            _write_outputs(study_dir, volume, seg, lesions, recs, canal, report, opts, timer)
-        report["timings_s"]["total"] = round(time.perf_counter() - t_start, 4)
-        _atomic_json(study_dir / "report.json", report)
+        _write_outputs(study_dir, volume, seg, lesions, recs, canal, report, opts, timer, t_start)
         return StudyResult(study_dir, report, volume, seg, lesions, recs)
 
 
@@ -147,16 +144,24 @@ def _atomic_json(path: Path, data: dict[str, Any]) -> None:
 
 def _write_outputs(study_dir: Path, volume: Volume, seg: Segmentation, lesions: list[Lesion],
                    recs: list[Recommendation], canal: CanalSummary, report: dict[str, Any],
-                   opts: StudyOptions, timer: Timer) -> None:
-    """Write every requested output into a temp folder, then swap it into place."""
+                   opts: StudyOptions, timer: Timer, t_start: float) -> None:
+    """Write every requested output into a temp folder, then swap it into place.
+
+    report.json is written once, last, with the write stage and the total time in it (the
+    microseconds of the final rename are not counted).
+    """
     from pipeline.report import writers
 
+    t_write = time.perf_counter()
     study_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = study_dir.parent / f".{study_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
         writers.write_all(tmp, volume, seg, lesions, recs, canal, report, formats=opts.formats,
                           deidentify=opts.deidentify, timer=timer)
+        now = time.perf_counter()
+        timer.timings["write"] = round(timer.timings.get("write", 0.0) + now - t_write, 4)
+        timer.timings["total"] = round(now - t_start, 4)
         _atomic_json(tmp / "report.json", report)
         if study_dir.exists():
             old = study_dir.parent / f".{study_dir.name}.old-{uuid.uuid4().hex[:8]}"

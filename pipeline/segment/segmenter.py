@@ -131,6 +131,15 @@ def plan_windows(shape: tuple[int, ...], roi: tuple[int, ...], sw_batch_size: in
     return window, max(1, min(int(sw_batch_size), budget // math.prod(window)))
 
 
+def _context_pads(shape: tuple[int, ...], min_vox: int) -> list[tuple[int, int]]:
+    """(before, after) padding per axis that brings every axis to at least ``min_vox`` voxels."""
+    out = []
+    for n in shape:
+        extra = max(int(min_vox) - int(n), 0)
+        out.append((extra // 2, extra - extra // 2))
+    return out
+
+
 class Segmenter:
     """Holds the network on its device. Create once per process, call ``segment`` per study."""
 
@@ -159,7 +168,21 @@ class Segmenter:
 
     @torch.inference_mode()
     def predict_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Canonical normalised image (1, 1, X, Y, Z) -> logits (1, C, X, Y, Z) float32 on CPU."""
+        """Canonical normalised image (1, 1, X, Y, Z) -> logits (1, C, X, Y, Z) float32 on CPU.
+
+        An axis shorter than ``min_context_vox`` (a thin slab) is first extended by repeating its
+        edge slices, then the logits are cropped back: the network, trained on patches of real
+        anatomy, would otherwise see the slab floating in zero padding (water) and lose the canal.
+        """
+        pads = _context_pads(tuple(x.shape[2:]), self.config.sliding_window.min_context_vox)
+        if any(p for pair in pads for p in pair):
+            flat = [p for pair in reversed(pads) for p in pair]  # F.pad order: last axis first
+            out = self._sliding_window(torch.nn.functional.pad(x, flat, mode="replicate"))
+            (a0, _), (a1, _), (a2, _) = pads
+            return out[:, :, a0:a0 + x.shape[2], a1:a1 + x.shape[3], a2:a2 + x.shape[4]].contiguous()
+        return self._sliding_window(x)
+
+    def _sliding_window(self, x: torch.Tensor) -> torch.Tensor:
         sw = self.config.sliding_window
         roi, batch = plan_windows(tuple(x.shape[2:]), self.roi, sw.sw_batch_size, sw.overlap, self.size_divisor)
         with self._autocast():
