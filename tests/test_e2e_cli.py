@@ -230,8 +230,6 @@ def _replan(les: dict, intent: str, solitary: bool):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="the shipped model finds none of this foreign phantom's lytic lesions "
-                   "(lesion segmentation, see models/osteoplan-spine/MODEL_CARD.md); strict: remove when it passes")
 def test_curative_intent_and_format_selection(palliative_run, study, tmp_path):
     """--intent curative --format json,nifti: only those files; lytic lesions >= 5 mm from the canal
     switch from cementoplasty to RFA + cementoplasty, as the rule table says; the rest as before."""
