@@ -115,7 +115,8 @@ class StudyRunner:
         if opts.deidentify and volume.dicom is not None and volume.dicom.study_instance_uid:
             key = anon(volume.dicom.study_instance_uid)  # stable pseudonym: resume still works
         study_dir = Path(output_root) / _safe_name(key)
-        _write_outputs(study_dir, volume, seg, lesions, recs, canal, report, opts, timer, t_start)
+        with timer.stage("write"):
+            _write_outputs(study_dir, volume, seg, lesions, recs, canal, report, opts, timer, t_start)
         return StudyResult(study_dir, report, volume, seg, lesions, recs)
 
 
@@ -148,7 +149,7 @@ def _write_outputs(study_dir: Path, volume: Volume, seg: Segmentation, lesions: 
     """Write every requested output into a temp folder, then swap it into place.
 
     report.json is written once, last, with the write stage and the total time in it (the
-    microseconds of the final rename are not counted).
+    microseconds of the final rename are not counted); the report keeps that copy of the timings.
     """
     from pipeline.report import writers
 
@@ -160,8 +161,8 @@ def _write_outputs(study_dir: Path, volume: Volume, seg: Segmentation, lesions: 
         writers.write_all(tmp, volume, seg, lesions, recs, canal, report, formats=opts.formats,
                           deidentify=opts.deidentify, timer=timer)
         now = time.perf_counter()
-        timer.timings["write"] = round(timer.timings.get("write", 0.0) + now - t_write, 4)
-        timer.timings["total"] = round(now - t_start, 4)
+        report["timings_s"] = {**timer.timings, "write": round(timer.timings.get("write", 0.0) + now - t_write, 4),
+                               "total": round(now - t_start, 4)}
         _atomic_json(tmp / "report.json", report)
         if study_dir.exists():
             old = study_dir.parent / f".{study_dir.name}.old-{uuid.uuid4().hex[:8]}"

@@ -36,7 +36,8 @@ def test_parallel_real_insert_is_seeded_per_case(real_data):
 def test_gpu_stage_config_is_valid_and_fine_tunes_stage_two():
     cfg = load_train_config("configs/train_gpu.yaml")
     assert cfg.init_from == "runs/osteoplan-spine-real/checkpoint.pt"
-    assert cfg.num_workers > 0 and cfg.data.pool_workers > 0 and cfg.time_limit_s
+    assert cfg.num_workers > 0 and cfg.data.pool_workers > 0
+    assert (cfg.max_steps, cfg.stop_at_step, cfg.time_limit_s) == (6257, 1500, None)  # replays the shipped run
     assert not {"chest_ct_philips", "blds_lesion_patches"} & set(cfg.data.real_insert.sources)
     stage2 = load_train_config("configs/train_real.yaml")
     assert cfg.network == stage2.network and cfg.intensity == stage2.intensity  # same bundle contract
