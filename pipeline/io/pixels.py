@@ -7,8 +7,10 @@ Rules (README "Input" copies them):
   sign-extended (signed).
 - The array is int16 when every slope and intercept is a whole number and every slice's HU fits
   in int16 (a 512x512x300 CT stays ~160 MB); otherwise float32.
-- Uncompressed little-endian 16-bit data is read with one ``pread`` per slice at the offset the
-  header pass recorded; anything else (JPEG 2000, JPEG-LS, RLE, big endian, 8/32-bit) goes through
+- Uncompressed little-endian 16-bit data is read with one ``preadv`` per slice at the offset the
+  header pass recorded, straight into the output array; bits are fixed and HU computed there in
+  place (no intermediate copy; the int16 range is checked with only the min or max it needs).
+  Anything else (JPEG 2000, JPEG-LS, RLE, big endian, 8/32-bit) goes through
   pydicom's decoders (pylibjpeg / openjpeg for JPEG 2000), spread over a small thread pool
   (plain reads stay in one thread: threads only add contention there).
 - A file that fails to decode does not stop the load: its slices are reported as failed and the
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -34,6 +37,7 @@ from pipeline.io.discover import SliceHeader
 log = logging.getLogger("osteoplan.io")
 
 INT16_MIN, INT16_MAX = -32768, 32767
+LITTLE_ENDIAN_HOST = sys.byteorder == "little"  # native pixels are read straight into native int16
 
 
 @dataclass
@@ -65,8 +69,11 @@ def decode_stack(slices: list[SliceHeader], workers: int | None = None) -> Decod
 
     def task(ks: list[int]) -> tuple[list[int], str | None]:
         try:
-            for k, raw in _read_file(slices, ks):
-                _store_hu(raw, slices[k], buf, k, overflow)
+            if _is_fast(slices, ks):
+                _read_native(slices, ks, buf, overflow)
+            else:
+                for k, raw in _read_file(slices, ks):
+                    _store_hu(raw, slices[k], buf, k, overflow)
             return [], None
         except Exception as exc:  # noqa: BLE001 - one bad file must not stop the load
             return ks, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
@@ -97,28 +104,94 @@ def decode_stack(slices: list[SliceHeader], workers: int | None = None) -> Decod
 
 
 def _is_fast(slices: list[SliceHeader], ks: list[int]) -> bool:
-    """Uncompressed little-endian 16-bit pixels at a known offset: one pread per slice."""
-    return all(slices[k].pixel_offset is not None and slices[k].bits_allocated == 16
-               and slices[k].samples_per_pixel == 1 for k in ks)
+    """Uncompressed little-endian 16-bit pixels at a known offset: read straight into the array."""
+    return LITTLE_ENDIAN_HOST and all(
+        slices[k].pixel_offset is not None and slices[k].bits_allocated == 16 and slices[k].samples_per_pixel == 1
+        for k in ks)
+
+
+def _read_native(slices: list[SliceHeader], ks: list[int], buf: np.ndarray, overflow: dict[int, np.ndarray]) -> None:
+    """The slices ``ks`` of one file: one ``preadv`` each into ``buf[k]`` (int16) or a scratch
+    array (float32 ``buf``), then bits fixed and HU computed in place -- the same values as
+    ``_fix_bits`` + ``_store_hu`` on a copy, without the copies."""
+    fd = os.open(slices[ks[0]].path, os.O_RDONLY)
+    try:
+        for k in ks:
+            s = slices[k]
+            target = buf[k] if buf.dtype == np.int16 else np.empty((s.rows, s.cols), np.int16)
+            if os.preadv(fd, [target], s.pixel_offset) != target.nbytes:  # type: ignore[arg-type]
+                raise ValueError("pixel data shorter than Rows x Columns")
+            raw = target.view(np.int16 if s.pixel_representation else np.uint16)
+            _fix_bits_inplace(raw, s)
+            if buf.dtype == np.int16:
+                _hu_inplace(raw, s, k, overflow)
+            else:
+                buf[k] = raw.astype(np.float64) * s.slope + s.intercept
+    finally:
+        os.close(fd)
+
+
+def _fix_bits_inplace(raw: np.ndarray, s: SliceHeader) -> None:
+    """``_fix_bits`` for a 16-bit array, in place."""
+    if not (0 < s.bits_stored < 16):
+        return
+    if s.pixel_representation:
+        shift = np.int16(16 - s.bits_stored)
+        np.left_shift(raw, shift, out=raw)
+        np.right_shift(raw, shift, out=raw)
+    else:
+        np.bitwise_and(raw, np.uint16((1 << s.bits_stored) - 1), out=raw)
+
+
+def _stored_range(s: SliceHeader) -> tuple[int, int]:
+    """The values a 16-bit stored pixel can take once its bits are fixed."""
+    bits = s.bits_stored if 0 < s.bits_stored < 16 else 16
+    if s.pixel_representation:
+        return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    return 0, (1 << bits) - 1
+
+
+def _overflows(raw: np.ndarray, slope: int, intercept: int, s: SliceHeader) -> bool:
+    """``_store_hu``'s test (raw.min() and raw.max() as HU outside int16?) with fewer passes.
+
+    HU = v * slope + intercept is monotonic in v: when the stored range alone keeps one HU end
+    inside int16, only the other end's stored extreme is needed; when it keeps both, none.
+    """
+    smin, smax = _stored_range(s)
+    low_ok = min(smin * slope, smax * slope) + intercept >= INT16_MIN
+    high_ok = max(smin * slope, smax * slope) + intercept <= INT16_MAX
+    if low_ok and high_ok:
+        return False
+    if high_ok:  # only the lowest HU can leave int16
+        v = int(raw.min()) if slope > 0 else int(raw.max())
+        return v * slope + intercept < INT16_MIN
+    if low_ok:  # only the highest HU can
+        v = int(raw.max()) if slope > 0 else int(raw.min())
+        return v * slope + intercept > INT16_MAX
+    ends = (int(raw.min()) * slope + intercept, int(raw.max()) * slope + intercept)
+    return min(ends) < INT16_MIN or max(ends) > INT16_MAX
+
+
+def _hu_inplace(raw: np.ndarray, s: SliceHeader, k: int, overflow: dict[int, np.ndarray]) -> None:
+    """HU over the stored values in place (``raw`` is a view of ``buf[k]``), as ``_store_hu``.
+
+    When every HU fits int16, v * slope + intercept computed modulo 2**16 (uint16 arithmetic)
+    is exactly the int16 HU; otherwise the slice goes to ``overflow`` as float32.
+    """
+    slope, intercept = int(s.slope), int(s.intercept)
+    if _overflows(raw, slope, intercept, s):
+        overflow[k] = (raw.astype(np.float64) * slope + intercept).astype(np.float32)
+        return
+    wrapped = raw.view(np.uint16)
+    if slope != 1:
+        np.multiply(wrapped, np.uint16(slope % 65536), out=wrapped)
+    if intercept != 0:
+        np.add(wrapped, np.uint16(intercept % 65536), out=wrapped)
 
 
 def _read_file(slices: list[SliceHeader], ks: list[int]):
-    """Yield (k, raw stored values as (rows, cols)) for the slices ``ks`` of one file."""
+    """Yield (k, raw stored values as (rows, cols)) for the slices ``ks`` of one file (pydicom decoders)."""
     first = slices[ks[0]]
-    if _is_fast(slices, ks):
-        fd = os.open(first.path, os.O_RDONLY)
-        try:
-            for k in ks:
-                s = slices[k]
-                n = s.rows * s.cols * 2
-                data = os.pread(fd, n, s.pixel_offset)  # type: ignore[arg-type]
-                if len(data) != n:
-                    raise ValueError("pixel data shorter than Rows x Columns")
-                raw = np.frombuffer(data, dtype="<i2" if s.pixel_representation else "<u2").reshape(s.rows, s.cols)
-                yield k, _fix_bits(raw, s)
-        finally:
-            os.close(fd)
-        return
     ds = pydicom.dcmread(first.path, force=True)
     if not getattr(ds.file_meta, "TransferSyntaxUID", None):
         ds.file_meta.TransferSyntaxUID = UID(first.transfer_syntax)
