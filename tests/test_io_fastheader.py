@@ -16,12 +16,13 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from pydicom.datadict import dictionary_VR
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian
 
 from pipeline.io.discover import _Skip, _sniff, _wanted_tags, list_files, read_header
-from pipeline.io.fastheader import HEAD_BYTES, LONG_VR, STANDARD_VR, Fallback, read_raw_header
+from pipeline.io.fastheader import _META_VR, HEAD_BYTES, LONG_VR, STANDARD_VR, Fallback, read_raw_header
 
 from io_helpers import REAL, geometry, random_hu, rotation, write_ct_series, write_enhanced_ct
 
@@ -103,6 +104,8 @@ def test_vr_tables_match_pydicom():
 
     assert STANDARD_VR == {str(v).encode() for v in PYDICOM_STANDARD}
     assert LONG_VR == {str(v).encode() for v in EXPLICIT_VR_LENGTH_32}
+    for tag, vr in _META_VR.items():
+        assert dictionary_VR(tag) == vr, hex(tag)
 
 
 # --- real data ------------------------------------------------------------------------------
@@ -290,3 +293,4 @@ def test_mutated_headers_read_the_same(tmp_path, ts):
         assert_same(out)
         handled += fast_reason(out) is None
     assert handled > 50, "the mutations should leave many files to the fast reader"
+

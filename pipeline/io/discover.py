@@ -28,16 +28,16 @@ Rules (README "Input" copies them):
 from __future__ import annotations
 
 import logging
+import math
 import os
 import struct
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 from functools import lru_cache
+from pathlib import Path
 from typing import Any, BinaryIO, Iterable
 
-import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.datadict import dictionary_VR, tag_for_keyword
@@ -388,7 +388,7 @@ def _geometry(ds: Any, src: Any) -> dict[str, Any] | None:
     ps = _floats(src.get("PixelSpacing"), 2) or _floats(ds.get("PixelSpacing"), 2)
     if iop is None or ipp is None or ps is None:
         return None
-    if not all(np.isfinite(iop + ipp + ps)) or min(ps) < 1e-3 or max(ps) > 1e3:
+    if not all(map(math.isfinite, iop + ipp + ps)) or min(ps) < 1e-3 or max(ps) > 1e3:
         raise _Skip("images with invalid geometry values")
     if max(abs(v) for v in ipp) > 1e7:
         raise _Skip("images with invalid geometry values")
@@ -397,7 +397,7 @@ def _geometry(ds: Any, src: Any) -> dict[str, Any] | None:
     has_rescale = slope is not None and intercept is not None
     slope = 1.0 if slope is None else slope
     intercept = 0.0 if intercept is None else intercept
-    if not (np.isfinite(slope) and np.isfinite(intercept)) or slope == 0 or abs(slope) > 1e6 or abs(intercept) > 1e7:
+    if not (math.isfinite(slope) and math.isfinite(intercept)) or slope == 0 or abs(slope) > 1e6 or abs(intercept) > 1e7:
         raise _Skip("images with invalid rescale values")
     thickness = _float(src.get("SliceThickness")) if "SliceThickness" in src else _float(ds.get("SliceThickness"))
     return dict(
@@ -418,6 +418,9 @@ def _tag_table() -> dict[str, tuple[int, str]]:
         if tag is not None:
             out[kw] = (int(tag), dictionary_VR(tag))
     return out
+
+
+_TAG_TABLE = _tag_table()
 
 
 @lru_cache(maxsize=1)
@@ -459,6 +462,9 @@ class _Header:
         return self.get(keyword) is not None
 
 
+_UNSEEN = object()
+
+
 class _RawView:
     """The same view over the fast reader's elements: the same ``_parse_raw`` on the same bytes.
 
@@ -471,10 +477,9 @@ class _RawView:
         self.values: dict[str, Any] = {}  # keyword -> decoded value (None: absent or empty)
 
     def get(self, keyword: str, default: Any = None) -> Any:
-        try:
-            value = self.values[keyword]
-        except KeyError:
-            tag, vr = _tag_table()[keyword]
+        value = self.values.get(keyword, _UNSEEN)
+        if value is _UNSEEN:
+            tag, vr = _TAG_TABLE[keyword]
             item = self.elements.get(tag)
             value = None if item is None else _parse_raw(item[1], item[0] or vr, True)
             if value == "":
