@@ -128,3 +128,22 @@ def test_truncated_after_the_header_pass_fails_cleanly(tmp_path):
     s.path.write_bytes(data[:-10])
     got = decode_stack([s])
     assert got.failed == [0] and "shorter" in got.errors[0]
+
+
+def test_many_files_read_by_threads_in_file_order(tmp_path):
+    # enough files for the threaded path; one slice out of int16, one file gone
+    template = _template(tmp_path, "explicit")
+    rng = np.random.default_rng(4)
+    slices = []
+    for k in range(13):
+        stored = rng.integers(0, 4095, size=(7, 9)).astype(np.uint16)
+        if k == 5:
+            stored[3, 3] = 65000
+        slices.append(_write(template, tmp_path / f"n{k}.dcm", stored, 16, False, 1, -1024))
+    assert_same(slices)
+    slices[8].path.unlink()
+    got = decode_stack(slices)
+    assert got.failed == [8] and got.errors[0].startswith("FileNotFoundError")
+    want = reference([s for k, s in enumerate(slices) if k != 8])
+    np.testing.assert_array_equal(np.delete(got.buf, 8, axis=0), want)
+    assert decode_stack(slices, workers=1).failed == [8]
