@@ -8,8 +8,10 @@ checks make sure the fast reader really runs on plain files and steps aside on t
 
 from __future__ import annotations
 
+import os
 import random
 import struct
+import threading
 import warnings
 from pathlib import Path
 
@@ -21,7 +23,7 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian
 
-from pipeline.io.discover import _Skip, _sniff, _wanted_tags, list_files, read_header
+from pipeline.io.discover import _Skip, _sniff, _wanted_tags, list_files, read_header, scan_files
 from pipeline.io.fastheader import _META_VR, HEAD_BYTES, LONG_VR, STANDARD_VR, Fallback, read_raw_header
 
 from io_helpers import REAL, geometry, random_hu, rotation, write_ct_series, write_enhanced_ct
@@ -294,3 +296,16 @@ def test_mutated_headers_read_the_same(tmp_path, ts):
         handled += fast_reason(out) is None
     assert handled > 50, "the mutations should leave many files to the fast reader"
 
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this platform")
+def test_scan_read_ahead_never_waits_on_a_fifo(tmp_path):
+    # the header pass opens files ahead of reading them: a FIFO among them must not block it
+    files = _series(tmp_path, "HFS", "explicit")
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    done: list = []
+    worker = threading.Thread(target=lambda: done.append(scan_files([fifo, *files])), daemon=True)
+    worker.start()
+    worker.join(timeout=30)
+    assert done, "scan_files blocked on a FIFO"
+    assert len(done[0].slices) == len(files) and done[0].skipped == {"empty files": 1}

@@ -32,11 +32,11 @@ import math
 import os
 import struct
 import warnings
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, BinaryIO, Iterable
+from typing import Any, BinaryIO, Iterable, Iterator
 
 import pydicom
 from pydicom.dataset import Dataset
@@ -56,6 +56,7 @@ CT_SOP_CLASSES = {
 }
 PIXEL_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)
 NO_POSITION = "CT images without ImagePositionPatient/ImageOrientationPatient"
+READ_AHEAD_FILES = 32  # header pass: files whose first bytes are requested ahead of the one being read
 # Only these elements are parsed (pydicom skips the others' values): about 25 % faster on real headers.
 HEADER_TAGS = [
     "SOPClassUID", "SOPInstanceUID", "Modality", "ImageType", "StudyInstanceUID", "SeriesInstanceUID",
@@ -166,7 +167,7 @@ def scan_files(files: Iterable[Path]) -> Scan:
     scan = Scan()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for path in files:
+        for path in _read_ahead(files, READ_AHEAD_FILES):
             scan.n_files += 1
             try:
                 result = read_header(Path(path))
@@ -184,6 +185,35 @@ def scan_files(files: Iterable[Path]) -> Scan:
     if scan.skipped:
         log.info("skipped %d of %d files: %s", sum(scan.skipped.values()), scan.n_files, scan.skipped_summary())
     return scan
+
+
+def _read_ahead(files: Iterable[Path], n: int) -> Iterator[Path]:
+    """``files`` in order; the first HEAD_BYTES of each are advised (POSIX_FADV_WILLNEED) ``n``
+    files before it is read, so that a cold cache fetches several headers at once (the header
+    pass from a cold cache was ~1.6x faster on the bench study, the same warm). Best effort."""
+    if not hasattr(os, "posix_fadvise"):
+        yield from files
+        return
+    window: deque[Path] = deque()
+    for path in files:
+        _advise_head(path)
+        window.append(path)
+        if len(window) > n:
+            yield window.popleft()
+    yield from window
+
+
+def _advise_head(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # never wait on a FIFO
+    except (OSError, ValueError, TypeError):
+        return
+    try:
+        os.posix_fadvise(fd, 0, HEAD_BYTES, os.POSIX_FADV_WILLNEED)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _sniff(head: bytes) -> bool | None:
