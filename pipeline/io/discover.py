@@ -8,6 +8,9 @@ Rules (README "Input" copies them):
   is read with pydicom's ``force=True`` only when its first bytes look like a raw little-endian
   data set (a group 0x0002 or 0x0008 tag first, as in old ACR-NEMA files); anything else is
   skipped as "not DICOM". Headers are read with ``stop_before_pixels=True``.
+- Plain Part-10 files (little endian, defined lengths, single frame: see ``pipeline.io.fastheader``)
+  have their header read straight from the bytes (the header pass of a 301-file CT ~6x faster),
+  with exactly the result pydicom's reading gives; every other file is read with pydicom.
 - Skipped, counted by reason and never named (file names may carry patient names): zero-byte
   files, non-DICOM files, headers that cannot be parsed, images whose file is too short for their
   own (uncompressed) pixel data (truncated), images with invalid geometry values.
@@ -25,21 +28,23 @@ Rules (README "Input" copies them):
 from __future__ import annotations
 
 import logging
+import math
 import os
 import struct
 import warnings
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, BinaryIO, Iterable, Iterator
 
-import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.uid import UID
 
 import pipeline.io  # noqa: F401  (pydicom configuration)
+from pipeline.io.fastheader import HEAD_BYTES, Fallback, read_raw_header
 
 log = logging.getLogger("osteoplan.io")
 
@@ -51,6 +56,7 @@ CT_SOP_CLASSES = {
 }
 PIXEL_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)
 NO_POSITION = "CT images without ImagePositionPatient/ImageOrientationPatient"
+READ_AHEAD_FILES = 32  # header pass: files whose first bytes are requested ahead of the one being read
 # Only these elements are parsed (pydicom skips the others' values): about 25 % faster on real headers.
 HEADER_TAGS = [
     "SOPClassUID", "SOPInstanceUID", "Modality", "ImageType", "StudyInstanceUID", "SeriesInstanceUID",
@@ -161,7 +167,7 @@ def scan_files(files: Iterable[Path]) -> Scan:
     scan = Scan()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for path in files:
+        for path in _read_ahead(files, READ_AHEAD_FILES):
             scan.n_files += 1
             try:
                 result = read_header(Path(path))
@@ -181,6 +187,35 @@ def scan_files(files: Iterable[Path]) -> Scan:
     return scan
 
 
+def _read_ahead(files: Iterable[Path], n: int) -> Iterator[Path]:
+    """``files`` in order; the first HEAD_BYTES of each are advised (POSIX_FADV_WILLNEED) ``n``
+    files before it is read, so that a cold cache fetches several headers at once (the header
+    pass from a cold cache was ~1.6x faster on the bench study, the same warm). Best effort."""
+    if not hasattr(os, "posix_fadvise"):
+        yield from files
+        return
+    window: deque[Path] = deque()
+    for path in files:
+        _advise_head(path)
+        window.append(path)
+        if len(window) > n:
+            yield window.popleft()
+    yield from window
+
+
+def _advise_head(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # never wait on a FIFO
+    except (OSError, ValueError, TypeError):
+        return
+    try:
+        os.posix_fadvise(fd, 0, HEAD_BYTES, os.POSIX_FADV_WILLNEED)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def _sniff(head: bytes) -> bool | None:
     """True: Part-10 file; False: raw data set that is safe to force-read; None: not DICOM."""
     if len(head) >= 132 and head[128:132] == b"DICM":
@@ -197,8 +232,34 @@ def _sniff(head: bytes) -> bool | None:
     return None
 
 
-def read_header(path: Path) -> list[SliceHeader] | OtherObject:
-    """Header of one file -> its image slices (one per frame) or a non-image object; raises _Skip."""
+@dataclass(frozen=True)
+class _Parsed:
+    """One file's header as read by either reader: a keyword view plus where the pixel data starts."""
+
+    ds: Any  # _Header (pydicom) or _RawView (fast reader): .get(keyword) and `keyword in ds`
+    raw_ds: Dataset | None  # the pydicom Dataset (None from the fast reader: no sequences kept)
+    pixel_pos: int
+    pixel_head: bytes
+    fast_encoding: tuple[bool, bool, str] | None = None  # the fast reader's (implicit, little, ts)
+
+    def encoding(self) -> tuple[bool, bool, str]:
+        """(implicit VR, little endian, transfer syntax UID); pydicom's are decoded only when asked."""
+        if self.fast_encoding is not None:
+            return self.fast_encoding
+        assert self.raw_ds is not None
+        implicit, little = _encoding(self.raw_ds)
+        ts = str(getattr(getattr(self.raw_ds, "file_meta", None), "TransferSyntaxUID", "") or "")
+        if not ts:
+            ts = "1.2.840.10008.1.2" if (implicit and little) else ("1.2.840.10008.1.2.1" if little else "1.2.840.10008.1.2.2")
+        return implicit, little, ts
+
+
+def read_header(path: Path, fast: bool = True) -> list[SliceHeader] | OtherObject:
+    """Header of one file -> its image slices (one per frame) or a non-image object; raises _Skip.
+
+    ``fast``: try :mod:`pipeline.io.fastheader` first (same result, see ``_read_fast``); False
+    reads every file with pydicom (the reference the tests compare against).
+    """
     try:
         size = path.stat().st_size
     except OSError:
@@ -206,15 +267,50 @@ def read_header(path: Path) -> list[SliceHeader] | OtherObject:
     if size == 0:
         raise _Skip("empty files")
     with open(path, "rb") as fh:
-        kind = _sniff(fh.read(132))
+        head = fh.read(HEAD_BYTES)
+        kind = _sniff(head[:132])
         if kind is None:
             raise _Skip("non-DICOM files")
-        fh.seek(0)
-        raw_ds = pydicom.dcmread(fh, stop_before_pixels=True, force=not kind, specific_tags=HEADER_TAGS)
-        pixel_pos = fh.tell()
-        fh.seek(pixel_pos)
-        pixel_head = fh.read(12)
-    ds = _Header(raw_ds)
+        parsed = _read_fast(fh, head, size) if (fast and kind) else None
+        if parsed is None:
+            parsed = _read_pydicom(fh, kind)
+    return _from_parsed(path, size, parsed)
+
+
+def _read_fast(fh: BinaryIO, head: bytes, size: int) -> _Parsed | None:
+    """The fast reader's result, or None when the file is for pydicom (any doubt, any error).
+
+    The kept elements are decoded by the same ``_parse_raw`` as pydicom's raw elements, so both
+    readers give identical SliceHeaders. Multi-frame images and files holding a sequence the
+    loader reads (functional groups, DICOMDIR records) go to pydicom.
+    """
+    try:
+        raw = read_raw_header(fh, head, size, _wanted_tags())
+        view = _RawView(raw.elements)
+        if any(tag in raw.elements for tag in _sequence_tags()) or (_int(view, "NumberOfFrames") or 1) > 1:
+            return None
+    except Fallback as exc:
+        log.debug("header read by pydicom: %s", exc)
+        return None
+    except Exception as exc:  # noqa: BLE001 - never trust a surprise: pydicom decides
+        log.debug("fast header reader failed (%s); header read by pydicom", type(exc).__name__)
+        return None
+    return _Parsed(view, None, raw.pixel_pos, raw.pixel_head, (raw.implicit, True, raw.transfer_syntax))
+
+
+def _read_pydicom(fh: BinaryIO, kind: bool) -> _Parsed:
+    """Read the header with pydicom (any encoding it supports); its exceptions propagate."""
+    fh.seek(0)
+    raw_ds = pydicom.dcmread(fh, stop_before_pixels=True, force=not kind, specific_tags=HEADER_TAGS)
+    pixel_pos = fh.tell()
+    fh.seek(pixel_pos)
+    pixel_head = fh.read(12)
+    return _Parsed(_Header(raw_ds), raw_ds, pixel_pos, pixel_head)
+
+
+def _from_parsed(path: Path, size: int, parsed: _Parsed) -> list[SliceHeader] | OtherObject:
+    """The checks and SliceHeader fields common to both readers; raises _Skip."""
+    ds, pixel_head = parsed.ds, parsed.pixel_head
     if "SOPClassUID" not in ds and "Modality" not in ds and "Rows" not in ds:
         raise _Skip("non-DICOM files")
     tag = struct.unpack("<HH", pixel_head[:4]) if len(pixel_head) >= 4 else None
@@ -230,10 +326,7 @@ def read_header(path: Path) -> list[SliceHeader] | OtherObject:
             what = "DICOMDIR"
         return OtherObject(path, series_uid, modality or "?", f"not an image ({what})")
     series_key = series_uid or _fallback_series_key(ds)
-    implicit, little = _encoding(raw_ds)
-    ts = str(getattr(getattr(raw_ds, "file_meta", None), "TransferSyntaxUID", "") or "")
-    if not ts:
-        ts = "1.2.840.10008.1.2" if (implicit and little) else ("1.2.840.10008.1.2.1" if little else "1.2.840.10008.1.2.2")
+    implicit, little, ts = parsed.encoding()
     rows, cols = _int(ds, "Rows"), _int(ds, "Columns")
     if not rows or not cols or rows <= 0 or cols <= 0:
         raise _Skip("images with invalid size")
@@ -242,7 +335,7 @@ def read_header(path: Path) -> list[SliceHeader] | OtherObject:
     samples = _int(ds, "SamplesPerPixel") or 1
     frame_bytes = (rows * cols * samples * bits_allocated + 7) // 8
     expected = (rows * cols * n_frames * samples * bits_allocated + 7) // 8
-    pixel_offset = _native_offset(pixel_head, pixel_pos, implicit, little, ts)
+    pixel_offset = _native_offset(pixel_head, parsed.pixel_pos, implicit, little, ts)
     if pixel_offset is not None:
         declared = _declared_length(pixel_head, implicit)
         if declared < expected or size < pixel_offset + expected:
@@ -263,7 +356,8 @@ def read_header(path: Path) -> list[SliceHeader] | OtherObject:
         photometric=str(ds.get("PhotometricInterpretation", "MONOCHROME2") or "MONOCHROME2").upper(),
     )
     if n_frames > 1 or "PerFrameFunctionalGroupsSequence" in ds:
-        return _frames(raw_ds, ds, common, pixel_offset, frame_bytes)
+        assert parsed.raw_ds is not None  # the fast reader leaves multi-frame images to pydicom
+        return _frames(parsed.raw_ds, ds, common, pixel_offset, frame_bytes)
     geo = _geometry(ds, ds)
     if geo is None:
         if modality == "CT":
@@ -324,7 +418,7 @@ def _geometry(ds: Any, src: Any) -> dict[str, Any] | None:
     ps = _floats(src.get("PixelSpacing"), 2) or _floats(ds.get("PixelSpacing"), 2)
     if iop is None or ipp is None or ps is None:
         return None
-    if not all(np.isfinite(iop + ipp + ps)) or min(ps) < 1e-3 or max(ps) > 1e3:
+    if not all(map(math.isfinite, iop + ipp + ps)) or min(ps) < 1e-3 or max(ps) > 1e3:
         raise _Skip("images with invalid geometry values")
     if max(abs(v) for v in ipp) > 1e7:
         raise _Skip("images with invalid geometry values")
@@ -333,7 +427,7 @@ def _geometry(ds: Any, src: Any) -> dict[str, Any] | None:
     has_rescale = slope is not None and intercept is not None
     slope = 1.0 if slope is None else slope
     intercept = 0.0 if intercept is None else intercept
-    if not (np.isfinite(slope) and np.isfinite(intercept)) or slope == 0 or abs(slope) > 1e6 or abs(intercept) > 1e7:
+    if not (math.isfinite(slope) and math.isfinite(intercept)) or slope == 0 or abs(slope) > 1e6 or abs(intercept) > 1e7:
         raise _Skip("images with invalid rescale values")
     thickness = _float(src.get("SliceThickness")) if "SliceThickness" in src else _float(ds.get("SliceThickness"))
     return dict(
@@ -345,13 +439,28 @@ def _geometry(ds: Any, src: Any) -> dict[str, Any] | None:
 _STRUCT = {"US": "H", "SS": "h", "UL": "I", "SL": "i", "FL": "f", "FD": "d"}
 
 
+@lru_cache(maxsize=1)
 def _tag_table() -> dict[str, tuple[int, str]]:
+    """HEADER_TAGS keyword -> (tag, dictionary VR)."""
     out = {}
     for kw in HEADER_TAGS:
         tag = tag_for_keyword(kw)
         if tag is not None:
             out[kw] = (int(tag), dictionary_VR(tag))
     return out
+
+
+_TAG_TABLE = _tag_table()
+
+
+@lru_cache(maxsize=1)
+def _wanted_tags() -> frozenset[int]:
+    return frozenset(tag for tag, _ in _tag_table().values())
+
+
+@lru_cache(maxsize=1)
+def _sequence_tags() -> tuple[int, ...]:
+    return tuple(tag for tag, vr in _tag_table().values() if vr == "SQ")
 
 
 class _Header:
@@ -362,15 +471,11 @@ class _Header:
     and anything already converted go through pydicom.
     """
 
-    _TAGS: dict[str, tuple[int, str]] = {}
-
     def __init__(self, ds: Dataset) -> None:
         self.ds = ds
-        if not _Header._TAGS:
-            _Header._TAGS = _tag_table()
 
     def get(self, keyword: str, default: Any = None) -> Any:
-        spec = self._TAGS.get(keyword)
+        spec = _tag_table().get(keyword)
         if spec is None:
             return self.ds.get(keyword, default)
         tag, vr = spec
@@ -382,6 +487,35 @@ class _Header:
         else:
             value = _parse_raw(elem.value, elem.VR or vr, elem.is_little_endian)
         return default if value is None or value == "" else value
+
+    def __contains__(self, keyword: str) -> bool:
+        return self.get(keyword) is not None
+
+
+_UNSEEN = object()
+
+
+class _RawView:
+    """The same view over the fast reader's elements: the same ``_parse_raw`` on the same bytes.
+
+    Only HEADER_TAGS keywords can be asked for (the fast reader keeps nothing else); the
+    sequences among them never reach this view (such files are read by pydicom).
+    """
+
+    def __init__(self, elements: dict[int, tuple[str | None, bytes]]) -> None:
+        self.elements = elements
+        self.values: dict[str, Any] = {}  # keyword -> decoded value (None: absent or empty)
+
+    def get(self, keyword: str, default: Any = None) -> Any:
+        value = self.values.get(keyword, _UNSEEN)
+        if value is _UNSEEN:
+            tag, vr = _TAG_TABLE[keyword]
+            item = self.elements.get(tag)
+            value = None if item is None else _parse_raw(item[1], item[0] or vr, True)
+            if value == "":
+                value = None
+            self.values[keyword] = value
+        return default if value is None else value
 
     def __contains__(self, keyword: str) -> bool:
         return self.get(keyword) is not None
