@@ -15,6 +15,13 @@ Handled (the common case):
   JPEG 2000, RLE...);
 - elements of defined, even length in ascending tag order, skipped by length unless wanted (a
   sequence of defined length is skipped whole, as pydicom does with ``specific_tags``);
+- well-formed undefined-length sequences that are not wanted, nested at any depth up to
+  ``MAX_DEPTH``: pydicom reads those whole even with ``specific_tags`` (and keeps nothing of them),
+  so they are walked item by item with pydicom's rules (see ``_skip_undefined``): an SQ, an UN
+  (read as a sequence) or, in implicit VR, a dictionary SQ or an unknown tag followed by an item;
+  items of defined length (their elements must fill them exactly) or undefined length (ended by
+  an item delimiter of length 0), an item of an explicit VR data set read as implicit VR when its
+  first VR is not two capital letters; the sequence ended by a sequence delimiter of length 0;
 - the walk ends at the first top-level (7FE0,0010), (7FE0,0008) or (7FE0,0009), or exactly at
   the end of the file (a non-image object, or an image truncated before its pixel data).
 
@@ -24,11 +31,15 @@ private transfer syntax registered with pydicom, file meta without a TransferSyn
 element outside PS3.10's list or with another VR than the standard's (pydicom decodes some
 of them while reading), a data set whose first element contradicts the transfer
 syntax (pydicom switches VR then), a command group (0000), a SpecificCharacterSet other than
-none / ISO_IR 100 / ISO_IR 192 (pydicom decodes it while reading, and raises on some values), an
-undefined length anywhere before the pixel data (SQ, UN or any other), an unknown VR, an odd
-length, an element running past the end of the file, stray bytes at the end, item tags (FFFE)
-at the top level, elements out of order or repeated. Multi-frame images and the sequences the
-loader reads are the caller's to hand over (``pipeline.io.discover._read_fast``).
+none / ISO_IR 100 / ISO_IR 192 (pydicom decodes it while reading, and raises on some values; the
+same in every item pydicom reads), an undefined length on anything but such a sequence before
+the pixel data (pydicom scans those values for a delimiter) or on a wanted element, an unknown
+VR (in items too), an odd length at the top level, an element running past the end of the file
+or of its item, stray bytes at the end, item or delimiter tags (FFFE) at the top level or out of
+place in a sequence or item, missing delimiters, delimiters of non-zero length, sequences nested
+deeper than ``MAX_DEPTH``, elements out of order or repeated at the top level. Multi-frame
+images and the sequences the loader reads are the caller's to hand over
+(``pipeline.io.discover._read_fast``).
 """
 
 from __future__ import annotations
@@ -38,7 +49,9 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import BinaryIO
 
+import pydicom.config
 import pydicom.uid
+from pydicom.datadict import _dictionary_vr_fast  # the lookup pydicom's reader uses
 
 HEAD_BYTES = 16384  # first read; CT headers are usually 2-10 KB
 CHUNK_BYTES = 65536  # later reads, when a header is longer or an element is skipped
@@ -221,9 +234,17 @@ def _walk(src: _Window, pos: int, implicit: bool, wanted: frozenset[int],
                 length = _U32.unpack_from(data, off + 8)[0]
             elif not header:
                 raise Fallback("unknown VR")
-        if length & 1:  # odd, or undefined (0xFFFFFFFF)
-            raise Fallback("undefined length before the pixel data" if length == UNDEFINED else "odd element length")
         start = pos + header
+        if length & 1:  # odd, or undefined (0xFFFFFFFF)
+            if length != UNDEFINED:
+                raise Fallback("odd element length")
+            if meta or tag in wanted:
+                raise Fallback("a file meta or wanted element of undefined length")
+            # pydicom reads the whole sequence (nothing of it is kept: no specific_tags inside)
+            pos = _skip_undefined(src, tag, None if implicit else raw_vr, start, implicit, 0)
+            data, base = src.data, src.base
+            dlen = len(data)
+            continue
         pos = start + length
         if pos > size:
             raise Fallback("an element runs past the end of the file")
@@ -237,3 +258,128 @@ def _walk(src: _Window, pos: int, implicit: bool, wanted: frozenset[int],
                 data, vstart = src.at(start, length)
                 found[tag] = (vr, data[vstart:vstart + length])
                 base, dlen = src.base, len(data)
+
+
+# --- undefined-length sequences ----------------------------------------------------------------
+#
+# pydicom reads an undefined-length sequence whole even with ``specific_tags`` (and drops it
+# afterwards when its tag is not wanted): every item of it is parsed element by element, its
+# nested undefined-length sequences too, without ``stop_before_pixels`` (pixel data inside an item
+# is an ordinary element). Defined-length elements inside items are read by length (a defined-
+# length sequence there stays raw bytes). The functions below walk the same bytes the same way
+# and keep nothing; whatever pydicom would read otherwise than by these rules is a Fallback.
+
+ITEM_TAG = 0xFFFEE000
+ITEM_DELIMITER = 0xFFFEE00D
+SEQUENCE_DELIMITER = 0xFFFEE0DD
+MAX_DEPTH = 16  # sequences nested deeper than this go to pydicom
+
+
+@lru_cache(maxsize=4096)
+def _dictionary_vr(tag: int) -> str | None:
+    """The VR pydicom's reader looks up for an implicit-VR element (None: not in its dictionary)."""
+    try:
+        return _dictionary_vr_fast(tag)
+    except KeyError:
+        return None
+
+
+def _skip_undefined(src: _Window, tag: int, raw_vr: bytes | None, pos: int, implicit: bool, depth: int) -> int:
+    """An element of undefined length whose value starts at ``pos``; returns the position after it.
+
+    pydicom reads it as a sequence when its VR is SQ, or UN (read as a sequence, PS3.5 6.2.2),
+    or, in implicit VR, when the dictionary says SQ or the tag is unknown to the dictionary and an
+    item tag follows. Any other undefined-length value is scanned for a delimiter: not handled.
+    ``raw_vr`` is the element's VR bytes (None in implicit VR).
+    """
+    if raw_vr is None:
+        vr = _dictionary_vr(tag)
+        if vr is None:
+            data, off = src.at(pos, 4)
+            is_sequence = _U32.unpack_from(data, off)[0] == 0xE000FFFE  # (FFFE,E000) little endian
+        else:
+            is_sequence = vr == "SQ"
+    else:
+        is_sequence = raw_vr == b"SQ" or (raw_vr == b"UN" and pydicom.config.settings.infer_sq_for_un_vr)
+    if not is_sequence:
+        raise Fallback("an undefined-length value that is not a sequence")
+    return _skip_sequence(src, pos, implicit, depth + 1)
+
+
+def _skip_sequence(src: _Window, pos: int, implicit: bool, depth: int) -> int:
+    """The items of an undefined-length sequence from ``pos``; returns the position after its
+    sequence delimiter (FFFE,E0DD) of length 0."""
+    if depth > MAX_DEPTH:
+        raise Fallback("sequences nested too deep")
+    size = src.size
+    while True:
+        data, off = src.at(pos, 8)
+        group, elem, length = _IMPLICIT.unpack_from(data, off)
+        tag = group << 16 | elem
+        pos += 8
+        if tag == SEQUENCE_DELIMITER:
+            if length:
+                raise Fallback("a sequence delimiter of non-zero length")
+            return pos
+        if tag != ITEM_TAG:
+            raise Fallback("something other than an item in a sequence")
+        if length == UNDEFINED:
+            pos = _walk_item(src, pos, -1, implicit or _looks_implicit(src, pos), depth)
+        elif length:
+            end = pos + length
+            if end > size:
+                raise Fallback("an item runs past the end of the file")
+            pos = _walk_item(src, pos, end, implicit or _looks_implicit(src, pos), depth)
+
+
+def _looks_implicit(src: _Window, pos: int) -> bool:
+    """pydicom reads an item of an explicit VR data set as implicit VR when its first element's VR
+    bytes are not two capital letters (``filereader._is_implicit_vr``, in a sequence)."""
+    if pos + 6 > src.size:
+        return False
+    data, off = src.at(pos, 6)
+    return not (0x40 < data[off + 4] < 0x5B and 0x40 < data[off + 5] < 0x5B)
+
+
+def _walk_item(src: _Window, pos: int, end: int, implicit: bool, depth: int) -> int:
+    """The elements of one item from ``pos``: up to ``end`` exactly (a defined-length item), or,
+    with ``end`` = -1, up to its item delimiter (FFFE,E00D) of length 0. Returns where it ends."""
+    limit = src.size if end < 0 else end
+    while True:
+        if pos == end:
+            return pos
+        if pos + 8 > limit:
+            raise Fallback("an item runs past its end or the end of the file")
+        data, off = src.at(pos, 8)
+        group, elem, length = _IMPLICIT.unpack_from(data, off)
+        tag = group << 16 | elem
+        if group == 0xFFFE:
+            if tag == ITEM_DELIMITER and end < 0:
+                if length:
+                    raise Fallback("an item delimiter of non-zero length")
+                return pos + 8
+            raise Fallback("an item or delimiter tag out of place in an item")
+        raw_vr = None
+        header = 8
+        if not implicit:
+            raw_vr = data[off + 4:off + 6]
+            header = _HEADER_SIZE.get(raw_vr, 0)
+            if header == 12:
+                if pos + 12 > limit:
+                    raise Fallback("an item runs past its end or the end of the file")
+                data, off = src.at(pos, 12)
+                length = _U32.unpack_from(data, off + 8)[0]
+            elif header:
+                length >>= 16
+            else:
+                raise Fallback("unknown VR")
+        start = pos + header
+        if length == UNDEFINED:
+            pos = _skip_undefined(src, tag, raw_vr, start, implicit, depth)
+            continue
+        pos = start + length
+        if pos > limit:
+            raise Fallback("an element runs past its item or the end of the file")
+        if tag == CHARSET_TAG:  # pydicom decodes it in every item it reads
+            data, off = src.at(start, length)
+            _check_charset((None if implicit else raw_vr.decode("ascii"), data[off:off + length]))
