@@ -2,7 +2,8 @@
 
 pydicom spends ~1.5 ms per CT header building its Dataset; for a plain single-frame image this
 reader walks the data elements itself, keeps the raw bytes of the wanted tags and stops at the
-pixel data, in ~50 microseconds. It reproduces what ``pydicom.dcmread(fh,
+pixel data, in ~50 microseconds (~0.25 ms for a 50 KB Philips header with undefined-length
+sequences, open and reads included). It reproduces what ``pydicom.dcmread(fh,
 stop_before_pixels=True, specific_tags=...)`` gives the header pass (the kept elements' VR and
 bytes, the transfer syntax, the position of the pixel data element) and nothing more.
 
