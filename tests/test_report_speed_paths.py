@@ -78,3 +78,80 @@ def test_order_single_frame_rejects_wrong_orientation_or_size(tmp_path):
     headers[3].ImageOrientationPatient = [float(v) for v in np.r_[g.direction[:, 0], g.direction[:, 1]]]
     with pytest.raises(ValueError, match="size"):
         seg_mod._order_single_frame(headers, g)
+
+
+def _reference_sample_plane(hu, labels, geom, center, u, v, fov_mm, n_px):
+    """sample_plane as first written: one lps_to_index over the whole plane, (N, 3) reductions."""
+    from scipy import ndimage
+
+    from pipeline.report.keyimages import AIR_HU
+
+    mm = fov_mm / n_px
+    offs = (np.arange(n_px) - (n_px - 1) / 2.0) * mm
+    rr, cc = np.meshgrid(offs, offs, indexing="ij")
+    lps = center[None, None, :] + cc[..., None] * u[None, None, :] + rr[..., None] * v[None, None, :]
+    idx = geom.lps_to_index(lps.reshape(-1, 3))
+    shape = np.array(geom.shape)
+    lo = np.clip(np.floor(idx.min(0)).astype(int) - 1, 0, shape - 1)
+    hi = np.clip(np.ceil(idx.max(0)).astype(int) + 2, 1, shape)
+    if np.any(hi <= lo):
+        return np.full((n_px, n_px), AIR_HU), np.zeros((n_px, n_px), np.uint8)
+    crop = tuple(slice(a, b) for a, b in zip(lo, hi))
+    local = (idx - lo).T
+    img = ndimage.map_coordinates(np.asarray(hu[crop], dtype=np.float32), local, order=1, mode="constant",
+                                  cval=AIR_HU)
+    lab = ndimage.map_coordinates(np.asarray(labels[crop], dtype=np.uint8), local, order=0, mode="constant", cval=0)
+    outside = np.any((idx < -0.5) | (idx > shape - 0.5), axis=1)
+    img[outside] = AIR_HU
+    lab[outside] = 0
+    return img.reshape(n_px, n_px), lab.reshape(n_px, n_px)
+
+
+@pytest.mark.parametrize("kind", ["HFS", "FFS", "FLIPPED", "OBLIQUE"])
+def test_lps_to_index_by_rows_equals_whole_product(kind):
+    from pipeline.report.keyimages import lps_to_index_by_rows
+
+    geom, _ = rh.make_geometry(kind, shape=(64, 60, 40))
+    pts = np.random.default_rng(1).uniform(-150, 150, size=(360 * 360 + 17, 3))
+    np.testing.assert_array_equal(lps_to_index_by_rows(geom, pts), geom.lps_to_index(pts))
+    np.testing.assert_array_equal(lps_to_index_by_rows(geom, pts, rows=1000), geom.lps_to_index(pts))
+    np.testing.assert_array_equal(lps_to_index_by_rows(geom, pts[:10]), geom.lps_to_index(pts[:10]))
+
+
+@pytest.mark.parametrize("kind", ["HFS", "FFS", "FLIPPED", "OBLIQUE"])
+def test_sample_plane_equals_reference(kind):
+    """Same HU and labels, bit for bit, inside, across and outside the volume."""
+    from pipeline.report.keyimages import PANEL_PX, PLANES, sample_plane
+
+    geom, _ = rh.make_geometry(kind, shape=(64, 60, 40))
+    labels = rh.phantom_labels(geom)
+    hu = rh.phantom_hu(labels)
+    inside = geom.index_to_lps([[32, 30, 20]])[0]
+    corner = geom.index_to_lps([[1, 2, 3]])[0]
+    far = inside + 5000.0
+    for center, fov in ((inside, 20.0), (inside, 60.0), (corner, 120.0), (far, 60.0)):
+        for u, v, _ in PLANES.values():
+            p = sample_plane(hu, labels, geom, center, u, v, fov)
+            ref_hu, ref_lab = _reference_sample_plane(hu, labels, geom, center, u, v, fov, PANEL_PX)
+            np.testing.assert_array_equal(p.hu, ref_hu)
+            np.testing.assert_array_equal(p.labels, ref_lab)
+
+
+def test_key_pngs_keep_their_pixels(tmp_path):
+    """Compression level only: the PNG written by write_html decodes to the rendered image."""
+    from PIL import Image
+
+    from pipeline.report.html import write_html
+    from pipeline.report.json_report import build_report
+    from pipeline.report.keyimages import key_image
+
+    case = rh.dicom_case(tmp_path, "OBLIQUE", shape=(30, 26, 12))
+    rep = build_report(case.volume, case.seg, case.lesions, case.recs, case.canal, intent="palliative",
+                       timings={}, fast=False, deidentify=False)
+    out = tmp_path / "html"
+    out.mkdir()
+    write_html(out, case.volume, case.seg, rep)
+    for les in rep["lesions"]:
+        expected = np.asarray(key_image(np.asarray(case.volume.array), case.seg.labels, case.seg.geometry, les))
+        written = np.asarray(Image.open(out / f"key_lesion{les['id']}.png").convert("RGB"))
+        np.testing.assert_array_equal(written, expected)

@@ -21,6 +21,10 @@ from pipeline.report import codes
 from pipeline.report.keyimages import LINE_RGB, key_image
 from pipeline.types import BONE, CANAL, LESION, Segmentation, Volume
 
+# zlib level of the key-image PNGs: 3 encodes a 726x360 panel pair in ~16 ms instead of ~38 ms
+# (default 6) for files ~12 % larger (~108 KB instead of ~96 KB); the pixels are the same.
+PNG_COMPRESS_LEVEL = 3
+
 CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,Arial,sans-serif;margin:24px;color:#1d2430;
 background:#fff;max-width:1100px}
@@ -49,7 +53,8 @@ def write_html(outdir: Path, volume: Volume, seg: Segmentation, report: dict[str
     hu = np.asarray(volume.array)
     for les in report.get("lesions", []):
         name = f"key_lesion{int(les['id'])}.png"
-        key_image(hu, seg.labels, seg.geometry, les, seg.label_meta).save(outdir / name, optimize=False)
+        key_image(hu, seg.labels, seg.geometry, les, seg.label_meta).save(
+            outdir / name, optimize=False, compress_level=PNG_COMPRESS_LEVEL)
         images[int(les["id"])] = name
     page = outdir / "report.html"
     tmp = outdir / f".report.html.{uuid.uuid4().hex}.tmp"
