@@ -83,6 +83,10 @@ class StudyRunner:
         self.segmenter = Segmenter.from_bundle(
             self.options.model or self.config.model, device=self.options.device, config=self.config
         )
+        # highdicom's standard tables (~1 s on the first SEG of a process) load during load/inference
+        from pipeline.report.warmup import warm_dicom_writers
+
+        warm_dicom_writers(self.options.formats, self.options.deidentify)
 
     def run(self, input_path: Path, output_root: Path, options: StudyOptions | None = None,
             volume: Volume | None = None) -> StudyResult:

@@ -155,3 +155,19 @@ def test_key_pngs_keep_their_pixels(tmp_path):
         expected = np.asarray(key_image(np.asarray(case.volume.array), case.seg.labels, case.seg.geometry, les))
         written = np.asarray(Image.open(out / f"key_lesion{les['id']}.png").convert("RGB"))
         np.testing.assert_array_equal(written, expected)
+
+
+def test_warm_dicom_writers_loads_highdicom_tables_once():
+    from highdicom import _standard_utils as su
+
+    from pipeline.report import warmup
+
+    assert warmup.warm_dicom_writers(("json", "csv", "html"), deidentify=False) is None
+    assert warmup.warm_dicom_writers(("seg", "sr"), deidentify=True) is None
+    thread = warmup.warm_dicom_writers(("seg",), deidentify=False)
+    assert thread is not None and thread.daemon
+    assert warmup.warm_dicom_writers(("sr",), deidentify=False) is thread  # once per process
+    warmup.wait_for_warmup()
+    assert not thread.is_alive()
+    for table in (su.get_sop_class_iod_map, su.get_iod_module_map, su.get_module_attribute_map):
+        assert table.cache_info().currsize == 1

@@ -57,11 +57,13 @@ def write_all(outdir: Path, volume: Volume, seg: Segmentation, lesions: list[Les
         with timer.stage("write_seg"):
             try:
                 from pipeline.report.seg import aligned_to_grid, read_source_headers, write_seg
+                from pipeline.report.warmup import wait_for_warmup
 
                 headers = read_source_headers(volume)
                 if not aligned_to_grid(headers, volume.geometry):
                     warnings.append("seg.dcm frames are placed by position only: the analysed grid was "
                                     "resampled from the source images")
+                wait_for_warmup()  # rather than parse highdicom's tables a second time
                 seg_ds = write_seg(outdir / "seg.dcm", volume, seg, headers)
                 if "seg" not in fmts:
                     warnings.append("seg.dcm written because sr.dcm references its segments")
