@@ -171,3 +171,67 @@ def test_warm_dicom_writers_loads_highdicom_tables_once():
     assert not thread.is_alive()
     for table in (su.get_sop_class_iod_map, su.get_iod_module_map, su.get_module_attribute_map):
         assert table.cache_info().currsize == 1
+
+
+def test_source_prefetch_gives_the_headers_read_source_headers_gives(tmp_path):
+    from pipeline.report.seg import SourcePrefetch
+
+    case = rh.dicom_case(tmp_path, "FFS", shape=(20, 16, 10))
+    pre = SourcePrefetch(case.volume)
+    got = pre.result(case.volume)
+    assert isinstance(got, SourceHeaders) and got.aligned
+    assert [str(h.SOPInstanceUID) for h in got] == list(case.volume.dicom.sop_instance_uids)
+    # files re-ordered or grid moved after the start: read again, never stale headers
+    case.volume.dicom.files = list(reversed(case.volume.dicom.files))
+    again = pre.result(case.volume)
+    assert again is not got and [h.SOPInstanceUID for h in again] == [h.SOPInstanceUID for h in got]
+    g = case.volume.geometry
+    case.volume.geometry = _shifted(g, 0.5 * g.spacing[2])
+    assert not pre.result(case.volume).aligned
+
+
+def test_source_prefetch_hands_over_read_errors(tmp_path):
+    from pipeline.report.seg import SourcePrefetch
+
+    case = rh.dicom_case(tmp_path, "HFS", shape=(20, 16, 6))
+    case.volume.dicom.files[2].unlink()
+    pre = SourcePrefetch(case.volume)
+    with pytest.raises(FileNotFoundError):
+        pre.result(case.volume)
+
+
+def test_start_source_prefetch_only_when_seg_or_sr_is_written(tmp_path):
+    from pipeline.report.writers import start_source_prefetch
+
+    case = rh.dicom_case(tmp_path, "HFS", shape=(20, 16, 6))
+    assert start_source_prefetch(case.volume, ("json", "html"), deidentify=False) is None
+    assert start_source_prefetch(case.volume, ("seg", "sr"), deidentify=True) is None
+    assert start_source_prefetch(rh.nifti_like_case().volume, ("seg", "sr"), deidentify=False) is None
+    assert start_source_prefetch(case.volume, ("sr",), deidentify=False) is not None
+
+
+def test_write_all_with_prefetched_sources_writes_the_same_seg(tmp_path):
+    import highdicom as hd
+
+    from pipeline.report.json_report import build_report
+    from pipeline.report.writers import start_source_prefetch, write_all
+    from pipeline.study import Timer
+
+    case = rh.dicom_case(tmp_path, "OBLIQUE", shape=(24, 20, 10))
+    out = {}
+    for name, sources in (("plain", None), ("prefetched", start_source_prefetch(case.volume, ("seg",), False))):
+        rep = build_report(case.volume, case.seg, case.lesions, case.recs, case.canal, intent="palliative",
+                           timings={}, fast=False, deidentify=False)
+        write_all(tmp_path / name, case.volume, case.seg, case.lesions, case.recs, case.canal, rep,
+                  formats=("seg", "sr"), deidentify=False, timer=Timer(), sources=sources)
+        assert rep["warnings"] == []
+        out[name] = hd.seg.segread(tmp_path / name / "seg.dcm")
+    a, b = out["plain"], out["prefetched"]
+    assert int(a.NumberOfFrames) == int(b.NumberOfFrames)
+    assert a.PixelData == b.PixelData
+    refs = [[str(f.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID),
+             [float(v) for v in f.PlanePositionSequence[0].ImagePositionPatient]]
+            for f in a.PerFrameFunctionalGroupsSequence]
+    assert refs == [[str(f.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID),
+                     [float(v) for v in f.PlanePositionSequence[0].ImagePositionPatient]]
+                    for f in b.PerFrameFunctionalGroupsSequence]
