@@ -235,3 +235,42 @@ def test_write_all_with_prefetched_sources_writes_the_same_seg(tmp_path):
     assert refs == [[str(f.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID),
                      [float(v) for v in f.PlanePositionSequence[0].ImagePositionPatient]]
                     for f in b.PerFrameFunctionalGroupsSequence]
+
+
+def test_key_images_in_threads_equal_one_by_one(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from pipeline.report import html as html_mod
+    from pipeline.report.json_report import build_report
+
+    case = rh.dicom_case(tmp_path, "FLIPPED", shape=(30, 26, 12))
+    rep = build_report(case.volume, case.seg, case.lesions, case.recs, case.canal, intent="palliative",
+                       timings={}, fast=False, deidentify=False)
+    rep["lesions"] = [dict(rep["lesions"][n % len(rep["lesions"])], id=n + 1) for n in range(5)]
+    pages = {}
+    for threads in (1, 4):
+        monkeypatch.setattr(html_mod, "MAX_KEY_IMAGE_THREADS", threads)
+        monkeypatch.setattr(html_mod, "_usable_cpus", lambda: 4)
+        out = tmp_path / f"t{threads}"
+        out.mkdir()
+        pages[threads] = html_mod.write_html(out, case.volume, case.seg, rep).read_text()
+    assert pages[1] == pages[4]
+    for n in range(1, 6):
+        a = np.asarray(Image.open(tmp_path / "t1" / f"key_lesion{n}.png"))
+        b = np.asarray(Image.open(tmp_path / "t4" / f"key_lesion{n}.png"))
+        np.testing.assert_array_equal(a, b)
+
+
+def test_key_image_failure_still_fails_write_html(tmp_path, monkeypatch):
+    from pipeline.report import html as html_mod
+    from pipeline.report.json_report import build_report
+
+    case = rh.dicom_case(tmp_path, "HFS", shape=(30, 26, 12))
+    rep = build_report(case.volume, case.seg, case.lesions, case.recs, case.canal, intent="palliative",
+                       timings={}, fast=False, deidentify=False)
+    rep["lesions"] = [dict(rep["lesions"][0], id=n + 1) for n in range(3)]
+    rep["lesions"][1] = dict(rep["lesions"][1], closest_point_lesion_lps_mm=None, centroid_lps_mm=None)
+    monkeypatch.setattr(html_mod, "_usable_cpus", lambda: 4)
+    with pytest.raises(IndexError):  # no centre for lesion 2: the error of the one-by-one loop
+        html_mod.write_html(tmp_path, case.volume, case.seg, rep)
+    assert not (tmp_path / "report.html").exists()
