@@ -274,3 +274,43 @@ def test_key_image_failure_still_fails_write_html(tmp_path, monkeypatch):
     with pytest.raises(IndexError):  # no centre for lesion 2: the error of the one-by-one loop
         html_mod.write_html(tmp_path, case.volume, case.seg, rep)
     assert not (tmp_path / "report.html").exists()
+
+
+def test_write_all_pauses_and_restores_the_cyclic_gc(tmp_path, monkeypatch):
+    import gc
+
+    from pipeline.report import writers
+    from pipeline.report.json_report import build_report
+    from pipeline.study import Timer
+
+    case = rh.dicom_case(tmp_path, "HFS", shape=(20, 16, 6))
+    rep = build_report(case.volume, case.seg, case.lesions, case.recs, case.canal, intent="palliative",
+                       timings={}, fast=False, deidentify=False)
+    seen = []
+    real_csv = writers.csv_out.write_csv
+
+    def spy(*args, **kwargs):
+        seen.append(gc.isenabled())
+        return real_csv(*args, **kwargs)
+
+    monkeypatch.setattr(writers.csv_out, "write_csv", spy)
+    assert gc.isenabled()
+    writers.write_all(tmp_path / "a", case.volume, case.seg, case.lesions, case.recs, case.canal, rep,
+                      formats=("csv",), deidentify=False, timer=Timer())
+    assert seen == [False] and gc.isenabled()
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(writers.csv_out, "write_csv", boom)
+    with pytest.raises(OSError):
+        writers.write_all(tmp_path / "b", case.volume, case.seg, case.lesions, case.recs, case.canal, rep,
+                          formats=("csv",), deidentify=False, timer=Timer())
+    assert gc.isenabled()
+    gc.disable()
+    try:  # a caller that runs without the collector keeps it off
+        writers.write_all(tmp_path / "c", case.volume, case.seg, case.lesions, case.recs, case.canal, rep,
+                          formats=("json",), deidentify=False, timer=Timer())
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
