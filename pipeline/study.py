@@ -86,10 +86,6 @@ class StudyRunner:
         self.segmenter = Segmenter.from_bundle(
             self.options.model or self.config.model, device=self.options.device, config=self.config
         )
-        # highdicom's standard tables (~1 s on the first SEG of a process) load during load/inference
-        from pipeline.report.warmup import warm_dicom_writers
-
-        warm_dicom_writers(self.options.formats, self.options.deidentify)
 
     def run(self, input_path: Path, output_root: Path, options: StudyOptions | None = None,
             volume: Volume | None = None) -> StudyResult:
@@ -111,7 +107,8 @@ class StudyRunner:
                  volume.geometry.shape, tuple(round(s, 3) for s in volume.geometry.spacing))
         from pipeline.report.writers import start_source_prefetch
 
-        sources = start_source_prefetch(volume, opts.formats, opts.deidentify)  # read during inference
+        # SEG source headers (and highdicom's tables, first study) are read while the model runs
+        sources = start_source_prefetch(volume, opts.formats, opts.deidentify)
         seg = self.segmenter.segment(volume, fast=opts.fast, timer=timer)
         with timer.stage("measure"):
             lesions, canal = measure_lesions(volume, seg, self.config.postprocess, self.rules)

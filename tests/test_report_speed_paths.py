@@ -208,6 +208,9 @@ def test_start_source_prefetch_only_when_seg_or_sr_is_written(tmp_path):
     assert start_source_prefetch(case.volume, ("seg", "sr"), deidentify=True) is None
     assert start_source_prefetch(rh.nifti_like_case().volume, ("seg", "sr"), deidentify=False) is None
     assert start_source_prefetch(case.volume, ("sr",), deidentify=False) is not None
+    from pipeline.report import warmup
+
+    assert warmup._thread is not None  # highdicom's tables are being (or have been) loaded
 
 
 def test_write_all_with_prefetched_sources_writes_the_same_seg(tmp_path):

@@ -26,7 +26,7 @@ from pipeline.types import BONE, CANAL, LESION, Segmentation, Volume
 # (default 6) for files ~12 % larger (~108 KB instead of ~96 KB); the pixels are the same.
 PNG_COMPRESS_LEVEL = 3
 # Key images of different lesions are made in parallel threads: sampling (scipy), outlines and
-# PNG encoding release the GIL. 7 lesions, 512x512x300, 2 cores: 0.59-0.68 s -> 0.36-0.49 s.
+# PNG encoding release the GIL. 7 lesions, 512x512x300, shared 2 cores: 0.57-0.75 -> 0.36-0.63 s.
 MAX_KEY_IMAGE_THREADS = 4
 
 CSS = """

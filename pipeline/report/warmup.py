@@ -4,8 +4,9 @@ The first SEG of a process pays for importing highdicom (~0.5 s) and for parsing
 standard tables (highdicom's ``_standard_utils``: a 22 MB JSON module/attribute table and two
 small ones, ~0.6-0.9 s). ``warm_dicom_writers`` imports highdicom on the calling thread (two
 threads importing the same packages at once can dead-lock on the import locks) and parses the
-tables in a daemon thread, so a single-study run (``osteoplan run``) overlaps them with loading
-the DICOM series and inference. Batch, Ray and PACS workers pay it once per process either way.
+tables in a daemon thread. ``writers.start_source_prefetch`` calls it once a DICOM series is
+loaded and SEG/SR will be written, so the parse overlaps with inference (a NIfTI input or a
+de-identified run never pays for it). Batch, Ray and PACS workers pay it once per process.
 
 The JSON parse holds the GIL while it runs (it is one C call), so the overlap is with whatever
 the main thread does without the GIL (file reads, PyTorch kernels), not with Python code.

@@ -135,15 +135,19 @@ def _write_all(outdir: Path, volume: Volume, seg: Segmentation, lesions: list[Le
 
 
 def start_source_prefetch(volume: Volume, formats: tuple[str, ...], deidentify: bool) -> SourcePrefetch | None:
-    """Start reading the SEG's source headers in the background, when seg.dcm will be written.
+    """Start the SEG's slow preparations in the background, when seg.dcm will be written.
 
-    Call it once the volume is loaded (before inference) and pass the result to ``write_all``.
+    Reads the source headers (``SourcePrefetch``) and, on the first study of a process, loads
+    highdicom's standard tables (``warmup.warm_dicom_writers``). Call it once the volume is
+    loaded (before inference) and pass the result to ``write_all``.
     """
     fmts = [f for f in KNOWN_FORMATS if f in formats]
     if not _dicom_allowed(volume, deidentify, fmts, []):
         return None
     from pipeline.report.seg import SourcePrefetch
+    from pipeline.report.warmup import warm_dicom_writers
 
+    warm_dicom_writers(fmts, deidentify)
     return SourcePrefetch(volume)
 
 
