@@ -16,12 +16,15 @@ import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 from pipeline.config import InferenceConfig, load_inference_config
 from pipeline.errors import InputError
 from pipeline.logs import anon
 from pipeline.types import CanalSummary, Lesion, Recommendation, Segmentation, Volume
+
+if TYPE_CHECKING:
+    from pipeline.report.seg import SourcePrefetch
 
 log = logging.getLogger("osteoplan.study")
 
@@ -102,6 +105,10 @@ class StudyRunner:
                                     max_voxels=self.config.memory.max_input_voxels)
         log.info("study %s: volume %s spacing %s", anon(volume.dicom.study_instance_uid if volume.dicom else None),
                  volume.geometry.shape, tuple(round(s, 3) for s in volume.geometry.spacing))
+        from pipeline.report.writers import start_source_prefetch
+
+        # SEG source headers (and highdicom's tables, first study) are read while the model runs
+        sources = start_source_prefetch(volume, opts.formats, opts.deidentify)
         seg = self.segmenter.segment(volume, fast=opts.fast, timer=timer)
         with timer.stage("measure"):
             lesions, canal = measure_lesions(volume, seg, self.config.postprocess, self.rules)
@@ -116,7 +123,7 @@ class StudyRunner:
             key = anon(volume.dicom.study_instance_uid)  # stable pseudonym: resume still works
         study_dir = Path(output_root) / _safe_name(key)
         with timer.stage("write"):
-            _write_outputs(study_dir, volume, seg, lesions, recs, canal, report, opts, timer, t_start)
+            _write_outputs(study_dir, volume, seg, lesions, recs, canal, report, opts, timer, t_start, sources)
         return StudyResult(study_dir, report, volume, seg, lesions, recs)
 
 
@@ -145,7 +152,8 @@ def _atomic_json(path: Path, data: dict[str, Any]) -> None:
 
 def _write_outputs(study_dir: Path, volume: Volume, seg: Segmentation, lesions: list[Lesion],
                    recs: list[Recommendation], canal: CanalSummary, report: dict[str, Any],
-                   opts: StudyOptions, timer: Timer, t_start: float) -> None:
+                   opts: StudyOptions, timer: Timer, t_start: float,
+                   sources: SourcePrefetch | None = None) -> None:
     """Write every requested output into a temp folder, then swap it into place.
 
     report.json is written once, last, with the write stage and the total time in it (the
@@ -159,7 +167,7 @@ def _write_outputs(study_dir: Path, volume: Volume, seg: Segmentation, lesions: 
     tmp.mkdir()
     try:
         writers.write_all(tmp, volume, seg, lesions, recs, canal, report, formats=opts.formats,
-                          deidentify=opts.deidentify, timer=timer)
+                          deidentify=opts.deidentify, timer=timer, sources=sources)
         now = time.perf_counter()
         report["timings_s"] = {**timer.timings, "write": round(timer.timings.get("write", 0.0) + now - t_write, 4),
                                "total": round(now - t_start, 4)}

@@ -12,6 +12,7 @@ from __future__ import annotations
 import html
 import os
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,13 @@ import numpy as np
 from pipeline.report import codes
 from pipeline.report.keyimages import LINE_RGB, key_image
 from pipeline.types import BONE, CANAL, LESION, Segmentation, Volume
+
+# zlib level of the key-image PNGs: 3 encodes a 726x360 panel pair in ~16 ms instead of ~38 ms
+# (default 6) for files ~12 % larger (~108 KB instead of ~96 KB); the pixels are the same.
+PNG_COMPRESS_LEVEL = 3
+# Key images of different lesions are made in parallel threads: sampling (scipy), outlines and
+# PNG encoding release the GIL. 7 lesions, 512x512x300, shared 2 cores: 0.57-0.75 -> 0.36-0.63 s.
+MAX_KEY_IMAGE_THREADS = 4
 
 CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,Arial,sans-serif;margin:24px;color:#1d2430;
@@ -45,17 +53,34 @@ margin:1px 3px 1px 0;font-size:13px}
 def write_html(outdir: Path, volume: Volume, seg: Segmentation, report: dict[str, Any]) -> Path:
     """Write key_lesion<N>.png for every lesion and report.html; returns the page's path."""
     outdir = Path(outdir)
-    images: dict[int, str] = {}
     hu = np.asarray(volume.array)
-    for les in report.get("lesions", []):
+    lesions = report.get("lesions", [])
+
+    def write_key_image(les: dict[str, Any]) -> str:
         name = f"key_lesion{int(les['id'])}.png"
-        key_image(hu, seg.labels, seg.geometry, les, seg.label_meta).save(outdir / name, optimize=False)
-        images[int(les["id"])] = name
+        key_image(hu, seg.labels, seg.geometry, les, seg.label_meta).save(
+            outdir / name, optimize=False, compress_level=PNG_COMPRESS_LEVEL)
+        return name
+
+    threads = min(len(lesions), MAX_KEY_IMAGE_THREADS, _usable_cpus())
+    if threads > 1:
+        with ThreadPoolExecutor(threads, thread_name_prefix="osteoplan-keyimage") as pool:
+            names = list(pool.map(write_key_image, lesions))
+    else:
+        names = [write_key_image(les) for les in lesions]
+    images = {int(les["id"]): name for les, name in zip(lesions, names)}
     page = outdir / "report.html"
     tmp = outdir / f".report.html.{uuid.uuid4().hex}.tmp"
     tmp.write_text(render_html(report, images, seg.label_meta), encoding="utf-8")
     os.replace(tmp, page)
     return page
+
+
+def _usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 
 def _e(value: Any) -> str:

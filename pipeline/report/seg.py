@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import threading
 from pathlib import Path
 
 import highdicom as hd
@@ -105,7 +106,21 @@ def segment_descriptions(seg: Segmentation, n_segments: int) -> list[hd.seg.Segm
     return out
 
 
-def read_source_headers(volume: Volume) -> list[pydicom.Dataset]:
+class SourceHeaders(list):
+    """Source headers as ``read_source_headers`` returns them, remembering the grid check.
+
+    ``aligned`` is whether they match ``geometry`` slice for slice (see ``aligned_to_grid``);
+    the SEG and SR writers reuse it instead of matching the 300 positions again. Build a new
+    one (or pass a plain list) after changing the list.
+    """
+
+    def __init__(self, headers: list[pydicom.Dataset], geometry: Geometry, aligned: bool) -> None:
+        super().__init__(headers)
+        self.geometry = geometry
+        self.aligned = aligned
+
+
+def read_source_headers(volume: Volume) -> SourceHeaders:
     """Source headers (no pixel data); single-frame ones in slice (k) order when they match the grid.
 
     When they do not (the loader filled a gap, evened the spacing or corrected a gantry tilt),
@@ -115,16 +130,67 @@ def read_source_headers(volume: Volume) -> list[pydicom.Dataset]:
     if volume.dicom is None or not volume.dicom.files:
         raise InputError("DICOM SEG needs DICOM source images")
     headers = [pydicom.dcmread(str(f), stop_before_pixels=True) for f in volume.dicom.files]
-    if not is_multiframe(headers):
+    geom = volume.geometry
+    if is_multiframe(headers):
+        return SourceHeaders(headers, geom, _aligned(headers, geom))
+    try:
+        return SourceHeaders(_order_single_frame(headers, geom), geom, True)
+    except ValueError as exc:
+        log.warning("source images do not match the volume grid slice for slice (%s)", exc)
+    return SourceHeaders(headers, geom, False)
+
+
+class SourcePrefetch:
+    """``read_source_headers(volume)`` in a daemon thread, started at once (e.g. before inference).
+
+    Reading ~300 headers is ~0.3 s of Python; started before the model runs, it overlaps with
+    inference (PyTorch releases the GIL in its kernels). ``result`` returns the headers, or
+    reads them again if the volume's files or grid changed since the start.
+    """
+
+    def __init__(self, volume: Volume) -> None:
+        if volume.dicom is None:
+            raise InputError("DICOM SEG needs DICOM source images")
+        self.volume = volume
+        self.files = list(volume.dicom.files)
+        self.geometry = volume.geometry
+        self._headers: SourceHeaders | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._read, name="osteoplan-seg-sources", daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
         try:
-            return _order_single_frame(headers, volume.geometry)
-        except ValueError as exc:
-            log.warning("source images do not match the volume grid slice for slice (%s)", exc)
-    return headers
+            self._headers = read_source_headers(self.volume)
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller of result()
+            self._error = exc
+
+    def result(self, volume: Volume) -> SourceHeaders:
+        """The headers of ``volume``'s source images (as ``read_source_headers``); waits if needed."""
+        self._thread.join()
+        unchanged = (volume is self.volume and volume.dicom is not None and list(volume.dicom.files) == self.files
+                     and _identical_grid(volume.geometry, self.geometry))
+        if not unchanged:
+            return read_source_headers(volume)
+        if self._error is not None:
+            raise self._error
+        assert self._headers is not None
+        return self._headers
 
 
 def aligned_to_grid(headers: list[pydicom.Dataset], geom: Geometry) -> bool:
     """True when headers[k] is slice k (single-frame) or every slice is a frame (multi-frame)."""
+    if isinstance(headers, SourceHeaders) and _identical_grid(headers.geometry, geom):
+        return headers.aligned
+    return _aligned(headers, geom)
+
+
+def _identical_grid(a: Geometry, b: Geometry) -> bool:
+    return a is b or (a.shape == b.shape and a.spacing == b.spacing and a.origin == b.origin
+                      and np.array_equal(a.direction, b.direction))
+
+
+def _aligned(headers: list[pydicom.Dataset], geom: Geometry) -> bool:
     try:
         if is_multiframe(headers):
             multiframe_frame_of_slice(headers[0], geom)
@@ -167,24 +233,39 @@ def _order_single_frame(headers: list[pydicom.Dataset], geom: Geometry) -> list[
     d = geom.direction
     expected = geom.index_to_lps(np.stack([np.zeros(nk), np.zeros(nk), np.arange(nk)], axis=1))
     positions = np.array([[float(v) for v in h.ImagePositionPatient] for h in headers])
-    order = []
-    for k in range(nk):
-        dist = np.linalg.norm(positions - expected[k], axis=1)
-        best = int(np.argmin(dist))
-        if dist[best] > POSITION_TOL_MM:
-            raise ValueError(f"no source image at the position of slice {k} (nearest {dist[best]:.3f} mm)")
-        order.append(best)
-    if len(set(order)) != nk:
+    order = _nearest_positions(positions, expected)
+    if len(set(order.tolist())) != nk:
         raise ValueError("source images do not map one-to-one onto slices")
     ordered = [headers[i] for i in order]
-    for h in ordered:
-        iop = np.array([float(v) for v in h.ImageOrientationPatient])
-        if not (np.allclose(iop[:3], d[:, 0], atol=ORIENTATION_TOL)
-                and np.allclose(iop[3:], d[:, 1], atol=ORIENTATION_TOL)):
+    iops = np.array([[float(v) for v in h.ImageOrientationPatient] for h in ordered])
+    sizes = np.array([[int(h.Rows), int(h.Columns)] for h in ordered])
+    bad_orientation = ~(np.isclose(iops[:, :3], d[:, 0], atol=ORIENTATION_TOL).all(axis=1)
+                        & np.isclose(iops[:, 3:], d[:, 1], atol=ORIENTATION_TOL).all(axis=1))
+    bad_size = (sizes[:, 0] != geom.shape[1]) | (sizes[:, 1] != geom.shape[0])
+    first = np.flatnonzero(bad_orientation | bad_size)
+    if first.size:  # the first offending image, orientation checked before size (as one by one)
+        if bad_orientation[first[0]]:
             raise ValueError("source image orientation differs from the volume's row/column directions")
-        if int(h.Rows) != geom.shape[1] or int(h.Columns) != geom.shape[0]:
-            raise ValueError("source image size differs from the volume's grid")
+        raise ValueError("source image size differs from the volume's grid")
     return ordered
+
+
+def _nearest_positions(positions: np.ndarray, expected: np.ndarray, block: int = 256) -> np.ndarray:
+    """Index of the nearest source position for every expected slice position (blocks of slices).
+
+    Raises ValueError for the first slice with no source image within POSITION_TOL_MM.
+    """
+    order = np.empty(len(expected), dtype=np.intp)
+    for k0 in range(0, len(expected), block):
+        dist = np.linalg.norm(positions[None, :, :] - expected[k0:k0 + block, None, :], axis=2)
+        best = dist.argmin(axis=1)
+        nearest = dist[np.arange(len(best)), best]
+        far = np.flatnonzero(nearest > POSITION_TOL_MM)
+        if far.size:
+            k = k0 + int(far[0])
+            raise ValueError(f"no source image at the position of slice {k} (nearest {nearest[far[0]]:.3f} mm)")
+        order[k0:k0 + block] = best
+    return order
 
 
 def label_frames(labels: np.ndarray, block: int = 64) -> np.ndarray:
