@@ -137,3 +137,16 @@ def test_html_renders_in_headless_chromium(tmp_path):
     assert (np.abs(img.astype(int) - lesion_rgb).sum(axis=2) < 30).sum() > 50
     assert (np.abs(img.astype(int) - np.array([198, 40, 40])).sum(axis=2) < 30).sum() > 200
     shutil.copy(shot, Path(os.environ.get("OSTEOPLAN_KEEP_SCREENSHOT", tmp_path / "keep.png")))
+
+
+def test_series_selection_row_says_what_was_chosen_and_passed_over():
+    from pipeline.report.html import _selection_text
+
+    sel = {"chosen": {"series_number": 3, "series_description": "Body 1.0", "n_slices": 56, "slice_spacing_mm": 2.0,
+                      "orientation": "axial", "reason": "the only CT series that can form a volume",
+                      "resampled": None},
+           "passed_over": [{"modality": "CT", "n_files": 1, "reason": "localizer/scout image"}]}
+    text = _selection_text(sel)
+    assert text == ("chosen series 3 (Body 1.0) [56 slices, 2.0 mm apart, axial]: the only CT series that can form "
+                    "a volume; passed over a CT series (1 file): localizer/scout image")
+    assert _selection_text(None) == "" and _selection_text({"chosen": None}) == ""

@@ -33,6 +33,7 @@ def _dicom_like_case():
     case.volume.input_path = "/secret/site/Doe_John"
     case.volume.input_kind = "dicom"
     case.volume.selection = {"series_instance_uid": "1.2.3.4.6", "reason": "largest axial CT",
+                             "chosen": {"series_description": "Doe John thorax"},
                              "passed_over": [{"series_instance_uid": "1.2.3.9", "why": "localizer"}],
                              "path": "/secret/site/Doe_John"}
     case.volume.warnings.append("slice spacing irregular (max deviation 0.02 mm)")
@@ -88,13 +89,14 @@ def test_deidentified_report_has_no_uids_paths_or_names():
     case = _dicom_like_case()
     rep = _report(case, deidentify=True)
     text = json.dumps(rep)
-    for secret in ("1.2.3.4.5", "1.2.3.4.6", "1.2.3.4.7", "1.2.3.9", "Doe_John/", "/secret"):
+    for secret in ("1.2.3.4.5", "1.2.3.4.6", "1.2.3.4.7", "1.2.3.9", "Doe_John/", "/secret", "Doe John"):
         assert secret not in text, secret
     assert rep["series"]["study_instance_uid"] == anon("1.2.3.4.5")
     assert rep["series"]["selection"]["series_instance_uid"] == anon("1.2.3.4.6")
     assert rep["series"]["selection"]["passed_over"][0]["series_instance_uid"] == anon("1.2.3.9")
     assert rep["input"]["path"] == "Doe_John"
     assert rep["deidentified"] is True
+    assert "series_description" not in json.dumps(rep["series"]["selection"])  # free text, dropped like the top level
 
 
 def test_missing_canal_gives_nulls_not_nan():

@@ -151,11 +151,32 @@ def _row(key: str, value: Any) -> str:
 
 
 def _selection_text(sel: Any) -> str:
+    """Which series was analysed and why, and each series passed over with its reason."""
     if not sel:
         return ""
-    if isinstance(sel, dict):
-        return "; ".join(f"{k}: {v}" for k, v in sel.items() if not isinstance(v, (list, dict)))
-    return str(sel)
+    if not isinstance(sel, dict):
+        return str(sel)
+    parts = []
+    chosen = sel.get("chosen")
+    if isinstance(chosen, dict):
+        what = f"series {chosen.get('series_number', '?')}"
+        if chosen.get("series_description"):
+            what += f" ({chosen['series_description']})"
+        detail = ", ".join(x for x in (
+            f"{chosen['n_slices']} slices" if chosen.get("n_slices") else "",
+            f"{chosen['slice_spacing_mm']} mm apart" if chosen.get("slice_spacing_mm") else "",
+            str(chosen.get("orientation") or ""),
+            f"resampled: {chosen['resampled']}" if chosen.get("resampled") else "") if x)
+        parts.append(f"chosen {what}{f' [{detail}]' if detail else ''}: {chosen.get('reason', '')}")
+    passed = sel.get("passed_over") or []
+    for other in passed if isinstance(passed, list) else []:
+        if isinstance(other, dict):
+            n = other.get("n_files")
+            files = f" ({n} file{'' if n == 1 else 's'})" if n else ""
+            parts.append(f"passed over a {other.get('modality', '')} series{files}: {other.get('reason', '')}")
+    rest = [f"{k}: {v}" for k, v in sel.items() if k not in ("chosen", "passed_over")
+            and not isinstance(v, (list, dict))]
+    return "; ".join(parts + rest)
 
 
 def _lesion_table(lesions: list[dict[str, Any]]) -> str:

@@ -133,7 +133,8 @@ def _scrub(obj: Any, deidentify: bool) -> Any:
             elif key in ("path", "folder", "file", "files", "dir", "directory") and isinstance(v, str):
                 out[k] = Path(v).name
             elif key in ("patient_name", "patient_id", "patient_birth_date", "patientname", "patientid",
-                         "accession_number", "study_date", "series_date", "institution_name"):
+                         "accession_number", "study_date", "series_date", "institution_name",
+                         "series_description"):  # free text, as the top-level series_description
                 continue
             else:
                 out[k] = _scrub(v, True)
