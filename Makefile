@@ -40,9 +40,10 @@ train: venv
 	$(BIN)/osteoplan train --config configs/train.yaml
 	$(BIN)/osteoplan train --config configs/train_real.yaml
 
-## Stage 3 on a CUDA GPU (fine-tunes stage 2's run; see configs/train_gpu.yaml): the shipped weights
+## Stage 3 on a CUDA GPU (fine-tunes stage 2's run; see configs/train_gpu.yaml): the shipped weights.
+## Weights, checkpoints, TensorBoard logs and history go to WORKDIR (default: the config's runs/osteoplan-spine-gpu).
 train-gpu: venv
-	$(BIN)/osteoplan train --config configs/train_gpu.yaml --no-resume
+	$(BIN)/osteoplan train --config configs/train_gpu.yaml --no-resume $(if $(WORKDIR),--workdir $(WORKDIR))
 
 evaluate: venv
 	$(BIN)/python scripts/evaluate_real.py
