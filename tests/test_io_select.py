@@ -191,6 +191,21 @@ def test_corrupt_zip_is_refused(tmp_path):
         load_input(z)
 
 
+def test_zip_of_an_unsupported_version_is_refused(tmp_path):
+    """Found by the fuzzer: zipfile raises NotImplementedError for a central directory entry
+    that needs a newer zip version ("zip file version 8.4")."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("a.dcm", b"x" * 100)
+    data = bytearray(buf.getvalue())
+    cd = data.index(b"PK\x01\x02")
+    data[cd + 6:cd + 8] = (84).to_bytes(2, "little")  # version needed to extract: 8.4
+    z = tmp_path / "new.zip"
+    z.write_bytes(bytes(data))
+    with pytest.raises(InputError, match="cannot be read"):
+        load_input(z)
+
+
 def test_zip_with_no_dicom_is_no_ct(tmp_path):
     z = tmp_path / "notes.zip"
     buf = io.BytesIO()

@@ -71,7 +71,9 @@ def test_storescu_study_comes_back_to_orthanc_as_seg_and_sr(pacs, tmp_path):
         assert found == {"SEG": 1, "SR": 1}
         assert len(pacs.get("/instances")) == 2  # the results only: the CT never went to the PACS
         (job,) = jobs(spool, "done")
-        assert all(o.state == "sent" for o in JobQueue(spool / "queue.sqlite").outbox())
+        # Orthanc shows an instance before the sender has recorded its C-STORE response: wait for that
+        wait_for(lambda: all(o.state == "sent" for o in JobQueue(spool / "queue.sqlite").outbox()), 10,
+                 what="outbox entries marked sent")
         lp.stop()  # SIGTERM: a clean shutdown
         assert lp.proc.returncode == 0
     log = (spool / "osteoplan.log").read_text()

@@ -52,7 +52,8 @@ def extract_zip(path: Path, dest: Path, max_bytes: int) -> int:
     dest = Path(dest).resolve()
     try:
         zf = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError, RuntimeError) as exc:
+        # NotImplementedError: an unsupported zip version or compression in the central directory
         raise InputError(f"the zip input cannot be read ({type(exc).__name__})") from None
     with zf:
         infos = zf.infolist()
