@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -23,22 +22,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import e2e_helpers as ev  # noqa: E402
 import foreign_phantom as fp  # noqa: E402
+from script_module import load_script  # noqa: E402
 from pipeline.types import BONE, CANAL, LESION  # noqa: E402
 
-REPO = Path(__file__).resolve().parent.parent
 THRESHOLDS_MM = (1.0, 5.0, 10.0)
 
 
-def _acceptance_module():
-    spec = importlib.util.spec_from_file_location("osteoplan_acceptance", REPO / "scripts" / "acceptance.py")
-    mod = importlib.util.module_from_spec(spec)
-    assert spec.loader is not None
-    sys.modules[spec.name] = mod  # dataclasses look their module up by name
-    spec.loader.exec_module(mod)
-    return mod
-
-
-acc = _acceptance_module()
+acc = load_script("acceptance.py", "osteoplan_acceptance")
 
 
 @pytest.fixture(scope="module")

@@ -2,21 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "fuzz_ingest.py"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from script_module import load_script  # noqa: E402
 
 
 def _fuzz_module():
-    spec = importlib.util.spec_from_file_location("fuzz_ingest", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("fuzz_ingest.py", "fuzz_ingest")
 
 
 def test_mutator_changes_bytes_deterministically():
