@@ -56,15 +56,13 @@ def _phantom_case(job: tuple) -> Case:
     return Case(ph.hu.astype(np.float32), ph.labels, name)
 
 
-def parallel_map(fn, jobs: list, workers: int, initializer=None, initargs: tuple = ()) -> list:
+def parallel_map(fn, jobs: list, workers: int) -> list:
     """``[fn(j) for j in jobs]``, in ``workers`` forked processes when ``workers > 1`` (order kept)."""
     if workers <= 1 or len(jobs) <= 1:
-        if initializer is not None:
-            initializer(*initargs)
         return [fn(j) for j in jobs]
     import multiprocessing as mp
 
-    with mp.get_context("fork").Pool(min(workers, len(jobs)), initializer=initializer, initargs=initargs) as pool:
+    with mp.get_context("fork").Pool(min(workers, len(jobs))) as pool:
         return pool.map(fn, jobs, chunksize=1)
 
 

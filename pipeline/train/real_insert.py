@@ -547,17 +547,15 @@ def real_insert_cases(data_root: Path, n_cases: int, seed: int, spacing: tuple[f
     ``workers >= 1``: each case has its own seed ``(seed, i)`` and cases are made in ``workers``
     processes; the result is the same for any ``workers >= 1``.
     """
+    cts = load_backgrounds(Path(data_root), spacing, tuple(sources))
+    if not cts:
+        return []
     if workers <= 0:
-        cts = load_backgrounds(Path(data_root), spacing, tuple(sources))
-        if not cts:
-            return []
         rng = np.random.default_rng(seed)
         return [make_case(cts[i % len(cts)], rng, max_lesions, crop_mm, index=i)[0] for i in range(n_cases)]
     from pipeline.train.data import parallel_map
 
-    _WORKER_CTS[:] = load_backgrounds(Path(data_root), spacing, tuple(sources))  # forked workers inherit them
-    if not _WORKER_CTS:
-        return []
+    _WORKER_CTS[:] = cts  # forked workers inherit them
     jobs = [(i, seed, max_lesions, tuple(crop_mm)) for i in range(n_cases)]
     try:
         return parallel_map(_seeded_case, jobs, workers)
