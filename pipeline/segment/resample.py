@@ -104,6 +104,47 @@ def _separable_linear(array: np.ndarray, axis_for_lps: list[int], sign: list[int
     return torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32))[None, None]
 
 
+def to_canonical_on_device(array: np.ndarray, geom: Geometry, canon: Geometry, device: torch.device) -> torch.Tensor:
+    """``to_canonical`` computed on ``device`` (a GPU): float32 tensor (1, 1, X, Y, Z) there.
+
+    The input goes up once as stored (int16, in its memory order, no float copy on the host);
+    the separable passes are the same float32 operations in the same order as
+    ``_separable_linear`` (gather left and right taps, ``hi -= lo; hi *= w; lo += hi``), so the
+    values are the same. Oblique inputs use the host path and are then copied up. On the CPU it
+works too, but ``to_canonical`` is faster there.
+    """
+    perm = signed_permutation(geom.direction)
+    if perm is None:
+        return to_canonical(array, geom, canon).to(device)
+    axis_for_lps, sign = perm
+    x = np.asarray(array)
+    mem = sorted(range(3), key=lambda a: -abs(x.strides[a]))
+    pos_of_input_axis = {a: mem.index(a) for a in range(3)}
+    v = torch.from_numpy(np.ascontiguousarray(x.transpose(mem))).to(device, non_blocking=False)
+    in_shape = [x.shape[axis_for_lps[d]] for d in range(3)]
+    out_shape = canon.shape
+    order = sorted(range(3), key=lambda d: (out_shape[d] / max(in_shape[d], 1),
+                                             pos_of_input_axis[axis_for_lps[d]]))
+    for d in order:
+        ax = pos_of_input_axis[axis_for_lps[d]]
+        n_in, n_out = in_shape[d], out_shape[d]
+        if n_in == n_out:
+            if sign[d] < 0:
+                v = torch.flip(v, dims=(ax,))
+            continue
+        i0, i1, w = _linear_taps(n_in, n_out, reverse=sign[d] < 0)
+        lo = v.index_select(ax, torch.from_numpy(i0).to(device)).float()
+        hi = v.index_select(ax, torch.from_numpy(i1).to(device)).float()
+        shape = [1, 1, 1]
+        shape[ax] = n_out
+        hi -= lo
+        hi *= torch.from_numpy(w).to(device).view(shape)
+        lo += hi
+        v = lo
+    out = v.permute([pos_of_input_axis[axis_for_lps[d]] for d in range(3)])
+    return out.to(torch.float32).contiguous()[None, None]
+
+
 def _linear_taps(n_in: int, n_out: int, reverse: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Left/right input indices and right weight (float32) for align_corners=True linear resampling."""
     if n_out == 1:
@@ -281,6 +322,57 @@ def logits_to_labels(logits: torch.Tensor, canon: Geometry, geom: Geometry, slab
     return labels
 
 
+def sample_labels(logits: torch.Tensor, canon: Geometry, geom: Geometry,
+                  roi_ijk: tuple[np.ndarray, np.ndarray] | None = None, order: str = "C",
+                  chunk_voxels: int = 8_000_000) -> np.ndarray:
+    """``logits_to_labels`` for logits on a GPU: every voxel of the box is sampled there.
+
+    On a GPU sampling every voxel of the box (``grid_sample``, border padding,
+    align_corners=True, first-index argmax) costs less than finding the uniform cells, and only
+    the uint8 labels come back to the host, chunk by chunk along the output's slowest memory
+    axis. Sample positions are computed in float64 on the device, as the host path computes
+    them, then cast to float32 for ``grid_sample``. Works on the CPU too (tests use it there).
+    """
+    if order not in ("C", "F"):
+        raise ValueError("order must be 'C' or 'F'")
+    labels = np.zeros(geom.shape, np.uint8, order=order)
+    if roi_ijk is None:
+        lo, hi = np.zeros(3, int), np.asarray(geom.shape) - 1
+    else:
+        lo, hi = np.asarray(roi_ijk[0], int), np.asarray(roi_ijk[1], int)
+    sub_shape = tuple(int(v) for v in hi - lo + 1)
+    if min(sub_shape) <= 0:
+        return labels
+    dev = logits.device
+    src = logits.float()
+    m = np.linalg.inv(canon.affine_lps) @ geom.affine_lps  # input index -> canonical index
+    scale = 2.0 / np.maximum(np.asarray(canon.shape, float) - 1, 1)
+    # normalised canonical coordinate c of input voxel (i, j, k): a[c] + sum_axis b[c, axis] * index
+    a = torch.tensor((m[:3, :3] @ lo + m[:3, 3]) * scale - 1.0, dtype=torch.float64, device=dev)
+    b = torch.tensor(m[:3, :3] * scale[:, None], dtype=torch.float64, device=dev)
+    # output layout: slowest memory axis first ("F": k, j, i; "C": i, j, k)
+    layout = (2, 1, 0) if order == "F" else (0, 1, 2)
+    n_layout = [sub_shape[ax] for ax in layout]
+    box = labels[lo[0]:hi[0] + 1, lo[1]:hi[1] + 1, lo[2]:hi[2] + 1]
+    plane = n_layout[1] * n_layout[2]
+    step = max(1, int(chunk_voxels) // max(plane, 1))
+    idx = [torch.arange(n, dtype=torch.float64, device=dev) for n in n_layout]
+    tail = [None, None, None]  # per canonical coordinate: its part from the two fast layout axes
+    for c in range(3):
+        tail[c] = (b[c, layout[1]] * idx[1])[:, None] + (b[c, layout[2]] * idx[2])[None, :] + a[c]
+    view = box.transpose(layout)  # numpy view, axes in layout order
+    for s0 in range(0, n_layout[0], step):
+        s1 = min(n_layout[0], s0 + step)
+        first = idx[0][s0:s1]
+        # grid_sample's last dim is (x, y, z) = (canonical axis 2, 1, 0) of the (1, C, X, Y, Z) source
+        grid = torch.stack([(b[c, layout[0]] * first)[:, None, None] + tail[c][None] for c in (2, 1, 0)], dim=-1)
+        scores = F.grid_sample(src, grid.to(torch.float32)[None], mode="bilinear", padding_mode="border",
+                               align_corners=True)[0]  # (C, n0, n1, n2)
+        lab = scores.argmax(dim=0).to(torch.uint8)
+        view[s0:s1] = lab.cpu().numpy()
+    return labels
+
+
 def _cell_index(pos: np.ndarray, n: int, c_lo: int, ncell: int) -> np.ndarray:
     """Index (relative to a crop starting at ``c_lo`` with ``ncell`` cells) of the cell holding each
     canonical coordinate ``pos`` along an axis of ``n`` samples (border-clamped like grid_sample)."""
@@ -288,16 +380,39 @@ def _cell_index(pos: np.ndarray, n: int, c_lo: int, ncell: int) -> np.ndarray:
     return np.clip(np.floor(p).astype(np.int64) - c_lo, 0, ncell - 1)
 
 
-def foreground_roi(coarse_labels: np.ndarray, canon: Geometry, geom: Geometry, margin_vox: int = 2
+def foreground_roi(coarse_labels: np.ndarray | torch.Tensor, canon: Geometry, geom: Geometry, margin_vox: int = 2
                    ) -> tuple[np.ndarray, np.ndarray] | None:
-    """Input-index box (lo, hi inclusive) covering the canonical foreground plus a margin; None if empty."""
-    fg = np.argwhere(coarse_labels > 0)
-    if fg.size == 0:
+    """Input-index box (lo, hi inclusive) covering the canonical foreground plus a margin; None if empty.
+
+    ``coarse_labels`` may be a numpy array or a tensor on any device (only its bounding box is read).
+    """
+    box = _nonzero_box(coarse_labels)
+    if box is None:
         return None
-    clo = np.maximum(fg.min(axis=0) - margin_vox, 0)
-    chi = np.minimum(fg.max(axis=0) + margin_vox, np.asarray(canon.shape) - 1)
+    clo = np.maximum(box[0] - margin_vox, 0)
+    chi = np.minimum(box[1] + margin_vox, np.asarray(canon.shape) - 1)
     corners = np.array([[a, b, c] for a in (clo[0], chi[0]) for b in (clo[1], chi[1]) for c in (clo[2], chi[2])], float)
     idx = geom.lps_to_index(canon.index_to_lps(corners))
     lo = np.clip(np.floor(idx.min(axis=0)).astype(int), 0, np.asarray(geom.shape) - 1)
     hi = np.clip(np.ceil(idx.max(axis=0)).astype(int), 0, np.asarray(geom.shape) - 1)
     return lo, hi
+
+
+def _nonzero_box(labels: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray] | None:
+    """(lo, hi) inclusive index box of the non-zero voxels of a 3-D array or tensor; None if all zero.
+
+    Axis projections (``any`` over the other two axes) instead of ``argwhere``: no index list of
+    every foreground voxel is made, and a tensor stays on its device until three short vectors."""
+    lo, hi = [], []
+    for ax in range(3):
+        others = tuple(a for a in range(3) if a != ax)
+        if isinstance(labels, torch.Tensor):
+            proj = (labels != 0).any(dim=others[1]).any(dim=others[0]).cpu().numpy()
+        else:
+            proj = np.asarray(labels != 0).any(axis=others)
+        nz = np.flatnonzero(proj)
+        if nz.size == 0:
+            return None
+        lo.append(int(nz[0]))
+        hi.append(int(nz[-1]))
+    return np.asarray(lo), np.asarray(hi)

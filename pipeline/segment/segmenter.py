@@ -28,7 +28,9 @@ from pipeline.segment.resample import (
     canonical_geometry,
     foreground_roi,
     logits_to_labels,
+    sample_labels,
     to_canonical,
+    to_canonical_on_device,
 )
 from pipeline.types import Segmentation, Volume
 
@@ -151,6 +153,8 @@ class Segmenter:
         if self.device.type == "cpu" and self.config.threads > 0:  # 0: torch's default, or a batch worker's share
             torch.set_num_threads(self.config.threads)
         self.net = bundle.network.to(self.device).eval()
+        # GPU: resampling both ways runs on the device (the CPU paths are tuned for the host)
+        self.resample_on_device = self.device.type != "cpu"
         md = bundle.metadata
         self.spacing = tuple(float(s) for s in md["target_spacing_mm"])
         self.fast_spacing = tuple(float(s) for s in md.get("fast_spacing_mm", [2 * s for s in self.spacing]))
@@ -168,7 +172,10 @@ class Segmenter:
 
     @torch.inference_mode()
     def predict_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Canonical normalised image (1, 1, X, Y, Z) -> logits (1, C, X, Y, Z) float32 on CPU.
+        """Canonical normalised image (1, 1, X, Y, Z) -> logits (1, C, X, Y, Z) float32.
+
+        On the CPU the logits are on the CPU. On a GPU they stay there when the blended output
+        fits comfortably in free device memory (``_output_device``), else they come back.
 
         An axis shorter than ``min_context_vox`` (a thin slab) is first extended by repeating its
         edge slices, then the logits are cropped back: the network, trained on patches of real
@@ -182,15 +189,34 @@ class Segmenter:
             return out[:, :, a0:a0 + x.shape[2], a1:a1 + x.shape[3], a2:a2 + x.shape[4]].contiguous()
         return self._sliding_window(x)
 
+    def _output_device(self, shape: tuple[int, ...]) -> torch.device:
+        """Where sliding-window blending happens: the GPU when output + weight map (float32, one
+        channel per class plus one) take under a quarter of its free memory, else the CPU."""
+        if self.device.type == "cpu":
+            return self.device
+        classes = int(self.bundle.metadata.get("network", {}).get("args", {}).get("out_channels", 4))
+        need = 4 * (classes + 1) * math.prod(int(n) for n in shape)
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            if need > free // 4:
+                return torch.device("cpu")
+        return self.device
+
     def _sliding_window(self, x: torch.Tensor) -> torch.Tensor:
         sw = self.config.sliding_window
         roi, batch = plan_windows(tuple(x.shape[2:]), self.roi, sw.sw_batch_size, sw.overlap, self.size_divisor)
         with self._autocast():
             out = sliding_window_inference(
                 x.to(self.device), roi_size=roi, sw_batch_size=batch, predictor=self.net,
-                overlap=sw.overlap, mode=sw.mode, sw_device=self.device, device=torch.device("cpu"),
+                overlap=sw.overlap, mode=sw.mode, sw_device=self.device,
+                device=self._output_device(tuple(x.shape[2:])),
             )
         return out.float()
+
+    def _sync(self) -> None:
+        """Wait for queued GPU work, so that each stage's wall time is its own."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def segment(self, volume: Volume, fast: bool = False, timer: Any = None) -> Segmentation:
         from pipeline.study import Timer
@@ -199,22 +225,31 @@ class Segmenter:
         spacing = self.fast_spacing if fast else self.spacing
         with timer.stage("preprocess"):
             canon = canonical_geometry(volume.geometry, spacing)
-            x = to_canonical(volume.array, volume.geometry, canon)
+            if self.resample_on_device:  # the int16 volume goes up once; resampling runs on the GPU
+                x = to_canonical_on_device(volume.array, volume.geometry, canon, self.device)
+            else:
+                x = to_canonical(volume.array, volume.geometry, canon)
             x = normalise(x, self.bundle.metadata["intensity"])
+            self._sync()
         with timer.stage("inference"):
             logits = self.predict_logits(x)
             del x
+            self._sync()
         with timer.stage("postprocess"):
-            coarse = argmax_channels(logits[0]).numpy()
-            roi = foreground_roi(coarse, canon, volume.geometry, margin_vox=2)
             # same memory order as the image (the DICOM loader's is slice-major "F"): writers copy less
             order = "F" if (volume.array.flags.f_contiguous and not volume.array.flags.c_contiguous) else "C"
-            if roi is None:
-                labels = np.zeros(volume.geometry.shape, np.uint8, order=order)
+            slab = self.config.memory.upsample_slab_voxels
+            if self.resample_on_device and logits.device.type == self.device.type:  # only uint8 labels come back
+                coarse = logits[0].argmax(dim=0)  # first index on ties, like argmax_channels
+                roi = foreground_roi(coarse, canon, volume.geometry, margin_vox=2)
+                labels = (np.zeros(volume.geometry.shape, np.uint8, order=order) if roi is None else
+                          sample_labels(logits, canon, volume.geometry, roi_ijk=roi, order=order, chunk_voxels=slab))
             else:
-                labels = logits_to_labels(logits, canon, volume.geometry,
-                                          slab_voxels=self.config.memory.upsample_slab_voxels, roi_ijk=roi,
-                                          order=order)
+                coarse = argmax_channels(logits[0]).numpy()
+                roi = foreground_roi(coarse, canon, volume.geometry, margin_vox=2)
+                labels = (np.zeros(volume.geometry.shape, np.uint8, order=order) if roi is None else
+                          logits_to_labels(logits, canon, volume.geometry, slab_voxels=slab, roi_ijk=roi, order=order))
+            del logits
         info = self.bundle.info
         if fast:
             info = type(info)(name=info.name, version=info.version, sha256=info.sha256, spacing_mm=spacing)

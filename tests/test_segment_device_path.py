@@ -1,0 +1,120 @@
+"""The GPU resampling paths (issue 7) give the same result as the host paths.
+
+They are plain torch code, so they run on the CPU here: ``to_canonical_on_device`` against
+``to_canonical``, ``sample_labels`` against sampling every voxel with ``grid_sample`` (the
+reference of test_bench_fastpaths), and a whole ``Segmenter.segment`` with resampling "on the
+device" against the host path, on the shipped bundle with a small fixed network in place of the
+UNet (the resampling, not the model, is under test).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.segment.resample import (
+    argmax_channels,
+    canonical_geometry,
+    foreground_roi,
+    logits_to_labels,
+    sample_labels,
+    signed_permutation,
+    to_canonical,
+    to_canonical_on_device,
+)
+from pipeline.segment.segmenter import Segmenter
+from pipeline.types import Geometry, Volume
+from test_bench_fastpaths import _logits, _reference_labels
+from test_segment_resample import DIRECTIONS
+
+CPU = torch.device("cpu")
+
+
+def _geom(name: str, shape=(23, 19, 17)) -> Geometry:
+    return Geometry(shape=shape, spacing=(0.9, 1.1, 2.0), origin=(3.0, -2.0, 5.0),
+                    direction=np.asarray(DIRECTIONS[name], float))
+
+
+@pytest.mark.parametrize("name", list(DIRECTIONS))
+@pytest.mark.parametrize("quantised", [False, True])
+@pytest.mark.parametrize("order", ["C", "F"])
+def test_sample_labels_equals_sampling_every_voxel(name, quantised, order):
+    geom = _geom(name)
+    canon = canonical_geometry(geom, (1.5, 1.5, 1.5))
+    logits = _logits(canon, 3, quantised)
+    ref = _reference_labels(logits, canon, geom)
+    got = sample_labels(logits, canon, geom, order=order, chunk_voxels=500)  # several chunks
+    assert got.flags[f"{order}_CONTIGUOUS"]
+    np.testing.assert_array_equal(got, ref)
+    # with the foreground box: the same labels as the host path (outside the box: background)
+    roi = foreground_roi(argmax_channels(logits[0]), canon, geom)
+    np.testing.assert_array_equal(sample_labels(logits, canon, geom, roi_ijk=roi, order=order, chunk_voxels=300),
+                                  logits_to_labels(logits, canon, geom, roi_ijk=roi, order=order))
+
+
+def test_foreground_roi_reads_tensors_and_arrays_alike():
+    geom = _geom("FFS")
+    canon = canonical_geometry(geom, (1.5, 1.5, 1.5))
+    coarse = np.zeros(canon.shape, np.uint8)
+    assert foreground_roi(coarse, canon, geom) is None
+    assert foreground_roi(torch.from_numpy(coarse), canon, geom) is None
+    coarse[3:5, 2, 7:9] = 2
+    a, b = foreground_roi(coarse, canon, geom), foreground_roi(torch.from_numpy(coarse), canon, geom)
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[1], b[1])
+    assert np.all(a[0] <= a[1])
+
+
+@pytest.mark.parametrize("name", [n for n in DIRECTIONS if n != "oblique"])
+@pytest.mark.parametrize("fortran", [False, True])
+def test_to_canonical_on_device_equals_the_host_path(name, fortran):
+    geom = _geom(name)
+    assert signed_permutation(geom.direction) is not None
+    canon = canonical_geometry(geom, (1.4, 1.7, 1.5))
+    arr = np.random.default_rng(1).normal(0, 400, geom.shape).astype(np.int16)
+    arr = np.asfortranarray(arr) if fortran else arr
+    host = to_canonical(arr, geom, canon)
+    dev = to_canonical_on_device(arr, geom, canon, CPU)
+    assert dev.shape == host.shape == (1, 1) + canon.shape and dev.dtype == torch.float32
+    torch.testing.assert_close(dev, host, atol=0, rtol=0)  # same float32 operations, same order
+
+
+def test_to_canonical_on_device_oblique_uses_the_general_sampler():
+    geom = _geom("oblique")
+    canon = canonical_geometry(geom, (1.5, 1.5, 1.5))
+    arr = np.random.default_rng(2).normal(0, 400, geom.shape).astype(np.int16)
+    torch.testing.assert_close(to_canonical_on_device(arr, geom, canon, CPU), to_canonical(arr, geom, canon),
+                               atol=0, rtol=0)
+
+
+class _FixedNet(torch.nn.Module):
+    """A deterministic 4-class network: smooth, with label boundaries everywhere (tests resampling)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(7)
+        self.conv = torch.nn.Conv3d(1, 4, 5, padding=2)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.randn(self.conv.weight.shape, generator=g) * 0.3)
+            self.conv.bias.copy_(torch.tensor([0.5, -0.2, 0.0, 0.1]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x * 4.0)
+
+
+@pytest.mark.parametrize("name", ["HFS", "FFS", "permuted", "oblique"])
+def test_segment_on_device_path_equals_host_path(name):
+    seg = Segmenter.from_bundle("osteoplan-spine", device="cpu")
+    seg.net = _FixedNet().eval()
+    geom = Geometry(shape=(40, 36, 22), spacing=(0.8, 0.8, 2.0), origin=(-10.0, 4.0, 20.0),
+                    direction=np.asarray(DIRECTIONS[name], float))
+    rng = np.random.default_rng(3)
+    hu = np.asfortranarray(rng.normal(200, 500, geom.shape).astype(np.int16))  # slice-major, like DICOM
+    vol = Volume(array=hu, geometry=geom)
+    host = seg.segment(vol)
+    seg.resample_on_device = True
+    dev = seg.segment(vol)
+    assert dev.labels.flags.f_contiguous and host.labels.flags.f_contiguous
+    assert len(np.unique(host.labels)) > 1  # boundaries exist: the comparison means something
+    np.testing.assert_array_equal(dev.labels, host.labels)
