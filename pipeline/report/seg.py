@@ -27,7 +27,7 @@ from pydicom.sr.codedict import codes as dcm_codes
 
 from pipeline import __version__
 from pipeline.errors import InputError
-from pipeline.report import codes
+from pipeline.report import codes, seg_frames
 from pipeline.types import Geometry, Segmentation, Volume
 
 log = logging.getLogger("osteoplan.report.seg")
@@ -296,9 +296,14 @@ def _as_hd_volume(labels: np.ndarray, geom: Geometry) -> hd.Volume:
     return hd.Volume(label_frames(labels), affine, coordinate_system="PATIENT")
 
 
-def build_seg(volume: Volume, seg: Segmentation,
-              headers: list[pydicom.Dataset] | None = None) -> hd.seg.Segmentation:
-    """The SEG dataset (not yet written). ``headers``: from ``read_source_headers`` (read if None)."""
+def build_seg(volume: Volume, seg: Segmentation, headers: list[pydicom.Dataset] | None = None,
+              fast: bool = True) -> hd.seg.Segmentation:
+    """The SEG dataset (not yet written). ``headers``: from ``read_source_headers`` (read if None).
+
+    ``fast``: in the common case (single-frame sources matching the grid) the frames are encoded
+    directly (``seg_frames``: the same file, ~5x faster); otherwise, or with ``fast=False``,
+    highdicom builds every frame.
+    """
     if not volume.geometry.same_grid(seg.geometry):
         raise ValueError("segmentation is not on the volume's grid")
     labels = np.asarray(seg.labels)
@@ -306,7 +311,29 @@ def build_seg(volume: Volume, seg: Segmentation,
     n_segments = max(max_label, max(codes.DEFAULT_LABELS))
     headers = headers if headers is not None else read_source_headers(volume)
     by_index = not is_multiframe(headers) and aligned_to_grid(headers, seg.geometry)
+    if by_index and fast and max_label > 0:
+        frames = label_frames(labels)
+        try:
+            return _build_seg_fast(frames, seg, headers, n_segments)
+        except seg_frames.NotApplicable as exc:
+            log.info("SEG frames built by highdicom: %s", exc)
     pixels = label_frames(labels) if by_index else _as_hd_volume(labels, seg.geometry)
+    return _hd_segmentation(pixels, seg, headers, n_segments, omit_empty_frames=bool(labels.any()))
+
+
+def _build_seg_fast(frames: np.ndarray, seg: Segmentation, headers: list[pydicom.Dataset],
+                    n_segments: int) -> hd.seg.Segmentation:
+    """highdicom's SEG of a one-voxel copy of ``frames``, then the real frames put in (``seg_frames``)."""
+    k = int(np.flatnonzero(frames.reshape(len(frames), -1).any(axis=1))[0])  # the first non-empty plane
+    r, c = (int(v[0]) for v in np.nonzero(frames[k]))
+    one = np.zeros_like(frames)
+    one[k, r, c] = frames[k, r, c]
+    template = _hd_segmentation(one, seg, headers, n_segments, omit_empty_frames=True)
+    return seg_frames.replace_frames(template, headers, frames, n_segments)
+
+
+def _hd_segmentation(pixels: np.ndarray | hd.Volume, seg: Segmentation, headers: list[pydicom.Dataset],
+                     n_segments: int, omit_empty_frames: bool) -> hd.seg.Segmentation:
     src = headers[0]
     return hd.seg.Segmentation(
         source_images=headers,
@@ -323,7 +350,7 @@ def build_seg(volume: Volume, seg: Segmentation,
         device_serial_number=(seg.model.sha256 or "none")[:16],
         content_description="osteoplan segmentation: spinal canal, metastasis, vertebra/bone"[:64],
         content_label="OSTEOPLAN",
-        omit_empty_frames=bool(labels.any()),  # an all-empty map keeps its (empty) frames
+        omit_empty_frames=omit_empty_frames,  # an all-empty map keeps its (empty) frames
         series_description=f"osteoplan SEG ({seg.model.name})"[:64],
         content_qualification=hd.ContentQualificationValues.RESEARCH,
         specific_character_set=getattr(src, "SpecificCharacterSet", None) or "ISO_IR 192",
@@ -334,5 +361,5 @@ def write_seg(path: Path, volume: Volume, seg: Segmentation,
               headers: list[pydicom.Dataset] | None = None) -> hd.seg.Segmentation:
     """Write seg.dcm and return the dataset (the SR references its segments)."""
     ds = build_seg(volume, seg, headers)
-    ds.save_as(str(path), enforce_file_format=True)
+    seg_frames.save(ds, path)
     return ds

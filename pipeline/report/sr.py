@@ -144,6 +144,13 @@ def _seg_frames_by_slice(seg_ds: pydicom.Dataset, headers: list[pydicom.Dataset]
     multiframe = is_multiframe(headers)
     k_of_frame = ({f: k for k, f in enumerate(multiframe_frame_of_slice(headers[0], geom))} if multiframe else {})
     out: dict[int, list[int]] = {}
+    table = getattr(seg_ds, "osteoplan_frame_sources", None)  # frames encoded by seg_frames (not parsed back)
+    if table is not None and not multiframe:
+        for n, (segment, uid) in enumerate(table, 1):
+            k = k_of_uid.get(uid, -1)
+            if segment == LESION and k >= 0:
+                out.setdefault(k, []).append(n)
+        return out
     for n, item in enumerate(seg_ds.PerFrameFunctionalGroupsSequence, 1):
         if int(item.SegmentIdentificationSequence[0].ReferencedSegmentNumber) != LESION:
             continue

@@ -1,0 +1,120 @@
+"""The directly encoded SEG frames (pipeline/report/seg_frames.py) give highdicom's SEG.
+
+Both builders run on the same study; the two written files are read back and compared element
+by element, nested sequences and pixel data included. Only what is new per SEG may differ:
+instance/series/tracking UIDs and creation times.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pydicom
+import pytest
+
+import report_helpers as rh
+from pipeline.report import seg_frames
+from pipeline.report.seg import build_seg, read_source_headers, write_seg
+from pipeline.report.sr import _seg_frames_by_slice
+from pipeline.types import LESION, Segmentation
+
+FRESH = {"SOPInstanceUID", "SeriesInstanceUID", "MediaStorageSOPInstanceUID", "InstanceCreationDate",
+         "InstanceCreationTime", "ContentDate", "ContentTime", "DimensionOrganizationUID", "TrackingUID",
+         "ContributionDateTime"}
+
+
+def _differences(a: pydicom.Dataset, b: pydicom.Dataset, path: str = "") -> list[str]:
+    out = []
+    ka, kb = {e.tag for e in a}, {e.tag for e in b}
+    if ka != kb:
+        out.append(f"{path}: elements differ {sorted(ka ^ kb)}")
+    for ea in a:
+        if ea.tag not in kb or ea.keyword in FRESH:
+            continue
+        eb = b[ea.tag]
+        if ea.VR != eb.VR:
+            out.append(f"{path}{ea.keyword}: VR {ea.VR} != {eb.VR}")
+        elif ea.VR == "SQ":
+            if len(ea.value) != len(eb.value):
+                out.append(f"{path}{ea.keyword}: {len(ea.value)} != {len(eb.value)} items")
+                continue
+            for i, (ia, ib) in enumerate(zip(ea.value, eb.value)):
+                out += _differences(ia, ib, f"{path}{ea.keyword}[{i}].")
+        elif ea.keyword == "PixelData":
+            # the bits of every frame; a trailing pad byte (odd byte count) is 00H here, highdicom
+            # 0.28 pads with 30H ("0"): not pixel data either way
+            nbytes = (int(a.Rows) * int(a.Columns) * int(a.NumberOfFrames) + 7) // 8
+            if len(ea.value) != len(eb.value) or ea.value[:nbytes] != eb.value[:nbytes]:
+                out.append(f"{path}PixelData differs")
+        elif ea.value != eb.value:
+            out.append(f"{path}{ea.keyword}: {str(ea.value)[:60]} != {str(eb.value)[:60]}")
+    return out
+
+
+def _both(tmp_path, case: rh.Case, seg: Segmentation) -> tuple[pydicom.Dataset, pydicom.Dataset, object, object]:
+    headers = read_source_headers(case.volume)
+    slow = build_seg(case.volume, seg, headers, fast=False)
+    fast = build_seg(case.volume, seg, headers, fast=True)
+    assert "osteoplan_frame_sources" in fast.__dict__, "the fast path was not taken"
+    slow.save_as(str(tmp_path / "slow.dcm"), enforce_file_format=True)
+    seg_frames.save(fast, tmp_path / "fast.dcm")
+    return (pydicom.dcmread(tmp_path / "slow.dcm"), pydicom.dcmread(tmp_path / "fast.dcm"), slow, fast)
+
+
+@pytest.mark.parametrize("kind", ["HFS", "FFS", "FLIPPED", "OBLIQUE"])
+def test_fast_seg_equals_highdicom_element_by_element(tmp_path, kind):
+    case = rh.dicom_case(tmp_path, kind)
+    a, b, slow, fast = _both(tmp_path, case, case.seg)
+    assert int(b.NumberOfFrames) > 10
+    assert _differences(a, b) == []
+    assert a.file_meta.TransferSyntaxUID == b.file_meta.TransferSyntaxUID
+    # the SR finds the same lesion frames through the frame table as through the parsed sequence
+    headers = read_source_headers(case.volume)
+    assert _seg_frames_by_slice(fast, headers, case.volume.geometry) == \
+        _seg_frames_by_slice(slow, headers, case.volume.geometry) != {}
+
+
+def test_fast_seg_odd_frame_size_missing_segment_and_gaps(tmp_path):
+    """Frames of 23x19 pixels (bits run across bytes), no canal at all, empty slices between."""
+    case = rh.dicom_case(tmp_path, "FFS", shape=(23, 19, 9))
+    labels = np.zeros_like(case.labels)
+    labels[3:9, 4:7, 1] = LESION
+    labels[10:20, 2:15, 4:6] = 3
+    labels[5, 5, 8] = LESION
+    seg = Segmentation(labels, case.volume.geometry, rh.MODEL)
+    a, b, _, _ = _both(tmp_path, case, seg)
+    assert int(b.NumberOfFrames) == 2 + 2  # lesion on slices 1 and 8, bone on 4 and 5
+    assert _differences(a, b) == []
+
+
+def test_fast_seg_falls_back_when_the_map_is_empty(tmp_path):
+    case = rh.dicom_case(tmp_path, "HFS", shape=(24, 20, 6))
+    empty = Segmentation(np.zeros_like(case.labels), case.volume.geometry, rh.MODEL)
+    ds = build_seg(case.volume, empty)
+    assert "osteoplan_frame_sources" not in ds.__dict__
+    assert int(ds.NumberOfFrames) == 6 * 3  # highdicom keeps the empty frames of an empty map
+
+
+def test_plan_frames_orders_by_segment_then_position():
+    frames = np.zeros((4, 2, 2), np.uint8)
+    frames[0, 0, 0] = 2
+    frames[2, 1, 1] = 1
+    frames[3, 0, 1] = 2
+    frames[3, 1, 1] = 1
+    plan, present = seg_frames.plan_frames(frames, 3, np.array([3, 2, 1, 0]))  # reverse along the normal
+    assert plan.segments.tolist() == [1, 1, 2, 2]
+    assert plan.planes.tolist() == [3, 2, 3, 0]
+    assert plan.position_index.tolist() == [1, 2, 1, 3]  # plane 1 is empty: not counted
+    assert present[3].sum() == 0
+
+
+@pytest.mark.skipif(not os.path.exists(rh.DCIODVFY), reason="dciodvfy (Debian dicom3tools) not installed")
+@pytest.mark.parametrize("kind", ["FFS", "FLIPPED"])
+def test_fast_seg_dciodvfy_clean(tmp_path, kind):
+    case = rh.dicom_case(tmp_path, kind)
+    path = tmp_path / "seg.dcm"
+    ds = write_seg(path, case.volume, case.seg)
+    assert "osteoplan_frame_sources" in ds.__dict__
+    errors, _ = rh.dciodvfy(path)
+    assert errors == []
