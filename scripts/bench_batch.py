@@ -6,6 +6,13 @@ table (studies/hour, speed-up). Usage:
 
     python scripts/bench_batch.py [--n 6] [--device cpu] [--workers 1] [--format all] [--size small]
 
+Throughput on big studies (e.g. a GPU machine, `make bench-gpu`): ``--study DIR --copies N``
+makes N copies of one DICOM study folder, each with its own Study/Series Instance UID (the
+bytes of the files are otherwise identical), and times only `osteoplan batch` over them
+(``--workers`` as given, comma-separated for several runs). Besides the wall time from process
+start (imports and model loading included), it prints the steady rate: studies finished per
+second between the first and the last finish (from the manifest's ``finished_at``).
+
 Needs the model bundle (models/osteoplan-spine) and the phantom generator.
 """
 
@@ -28,13 +35,18 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=6, help="number of phantom studies")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--workers", default="1", help="worker processes (with --study: a comma-separated list)")
     ap.add_argument("--format", default="all", help="outputs written (same for both ways)")
     ap.add_argument("--model", default="osteoplan-spine", help="bundle name under models/ or a bundle folder")
     ap.add_argument("--size", default="small", help="phantom size: small | full")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--keep", type=Path, default=None, help="keep the work folder here")
+    ap.add_argument("--study", type=Path, default=None, help="copy this DICOM study folder instead (batch only)")
+    ap.add_argument("--copies", type=int, default=8, help="with --study: how many copies")
+    ap.add_argument("--json", type=Path, default=None, help="with --study: write the figures here")
     args = ap.parse_args()
+    if args.study is not None:
+        return throughput_of_copies(args)
 
     sys.path.insert(0, str(REPO))
     from pipeline.train.samples import write_samples
@@ -78,6 +90,77 @@ def main() -> int:
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def _renumbered(uid: str, index: int) -> str:
+    """``uid`` with the last digits of its last component replaced by ``index`` (same length)."""
+    head, _, last = uid.rpartition(".")
+    width = min(len(last), 6)
+    tail = f"{index:0{width}d}"[-width:]
+    new_last = last[:-width] + tail if len(last) > width else ("9" + tail[1:] if width > 1 else "9")
+    return f"{head}.{new_last}"
+
+
+def copy_study(src: Path, dst: Path, index: int) -> None:
+    """Copy every file of ``src`` to ``dst`` with new Study, Series and SOP Instance UIDs of the
+    same length (bytes replaced in place: the files stay valid and otherwise identical)."""
+    import pydicom
+
+    keys = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
+    for f in sorted(f for f in Path(src).rglob("*") if f.is_file()):
+        data = f.read_bytes()
+        try:
+            ds = pydicom.dcmread(f, stop_before_pixels=True, specific_tags=list(keys))
+            uids = {str(ds[k].value) for k in keys if k in ds and ds[k].value}
+        except Exception:  # noqa: BLE001 - not DICOM: copied as it is
+            uids = set()
+        for uid in sorted(uids, key=len, reverse=True):
+            data = data.replace(uid.encode(), _renumbered(uid, index).encode())
+        out = dst / f.relative_to(src)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_bytes(data)
+
+
+def throughput_of_copies(args: argparse.Namespace) -> int:
+    """`osteoplan batch` over ``--copies`` copies of ``--study`` for each ``--workers`` value."""
+    from datetime import datetime
+
+    work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="bench_batch-"))
+    inputs = work / "inputs"
+    t0 = time.perf_counter()
+    for i in range(args.copies):
+        if not (inputs / f"study{i:03d}").exists():
+            copy_study(args.study, inputs / f"study{i:03d}", i + 1)
+    print(f"{args.copies} copies of {args.study} in {time.perf_counter() - t0:.1f} s", flush=True)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    results = []
+    try:
+        for workers in [int(w) for w in str(args.workers).split(",")]:
+            out = work / f"out_w{workers}"
+            shutil.rmtree(out, ignore_errors=True)
+            t0 = time.perf_counter()
+            _check([sys.executable, "-m", "pipeline", "batch", str(inputs), "-o", str(out), "--quiet",
+                    "--workers", str(workers), "--device", args.device, "--format", args.format,
+                    "--model", args.model], env)
+            wall = time.perf_counter() - t0
+            lines = [json.loads(x) for x in (out / "manifest.jsonl").read_text().splitlines() if x.strip()]
+            ok = [x for x in lines if x["status"] == "ok"]
+            ends = sorted(datetime.strptime(x["finished_at"], "%Y-%m-%dT%H:%M:%S.%fZ").timestamp() for x in ok)
+            steady = (len(ends) - 1) / (ends[-1] - ends[0]) if len(ends) > 1 and ends[-1] > ends[0] else None
+            row = {"workers": workers, "studies": len(lines), "ok": len(ok), "wall_s": round(wall, 2),
+                   "studies_per_s_incl_start": round(len(ok) / wall, 3),
+                   "steady_studies_per_s": round(steady, 3) if steady else None,
+                   "median_study_total_s": sorted(x["timings_s"].get("total", 0) for x in ok)[len(ok) // 2] if ok else None}
+            results.append(row)
+            print(json.dumps(row), flush=True)
+    finally:
+        if args.json:
+            Path(args.json).write_text(json.dumps({"study": str(args.study), "copies": args.copies,
+                                                   "device": args.device, "format": args.format,
+                                                   "runs": results}, indent=1))
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    return 0 if all(r["ok"] == r["studies"] for r in results) else 1
 
 
 def _check(cmd: list[str], env: dict[str, str]) -> None:
