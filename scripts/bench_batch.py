@@ -59,7 +59,7 @@ def main() -> int:
             shutil.rmtree(inputs)
         studies = write_samples(inputs, n=args.n, seed=args.seed, size=args.size)
         common = ["--device", args.device, "--format", args.format, "--model", args.model]
-        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
 
         seq_out = work / "out_run"
         t0 = time.perf_counter()
@@ -132,7 +132,7 @@ def throughput_of_copies(args: argparse.Namespace) -> int:
         if not (inputs / f"study{i:03d}").exists():
             copy_study(args.study, inputs / f"study{i:03d}", i + 1)
     print(f"{args.copies} copies of {args.study} in {time.perf_counter() - t0:.1f} s", flush=True)
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     results = []
     try:
         for workers in [int(w) for w in str(args.workers).split(",")]:

@@ -6,9 +6,11 @@ import json
 
 import nibabel as nib
 import numpy as np
+import pytest
 
 import report_helpers as rh
 from pipeline.report.json_report import build_report
+from pipeline.report import writers
 from pipeline.report.writers import write_all
 from pipeline.study import ALL_FORMATS, Timer
 
@@ -18,7 +20,10 @@ def _report(case, timings):
                         timings=timings, fast=False, deidentify=False)
 
 
-def test_write_all_formats(tmp_path):
+@pytest.mark.parametrize("parallel", [False, True])
+def test_write_all_formats(tmp_path, monkeypatch, parallel):
+    # many-core machines compress the NIfTI in a thread beside the SEG and SR: same files
+    monkeypatch.setattr(writers, "PARALLEL_NIFTI_MIN_CPUS", 1 if parallel else 10_000)
     case = rh.dicom_case(tmp_path, "FLIPPED")
     timer = Timer()
     rep = _report(case, timer.timings)
@@ -58,3 +63,16 @@ def test_failing_seg_is_a_warning_and_others_are_written(tmp_path):
     assert (out / "lesions.csv").exists() and (out / "report.html").exists()
     assert any(w.startswith("seg.dcm not written") for w in rep["warnings"])
     assert any(w.startswith("sr.dcm not written") for w in rep["warnings"])
+
+
+def test_a_failing_nifti_in_its_thread_still_fails_the_study(tmp_path, monkeypatch):
+    case = rh.dicom_case(tmp_path, "HFS", shape=(32, 28, 12))
+    monkeypatch.setattr(writers, "PARALLEL_NIFTI_MIN_CPUS", 1)
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("pipeline.io.nifti.write_label_nifti", broken)
+    with pytest.raises(OSError, match="disk full"):
+        write_all(tmp_path / "o", case.volume, case.seg, case.lesions, case.recs, case.canal, _report(case, {}),
+                  formats=("nifti", "csv"), deidentify=False, timer=Timer())

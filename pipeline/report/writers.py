@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -31,6 +33,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("osteoplan.report")
 
 KNOWN_FORMATS = ("json", "csv", "nifti", "seg", "sr", "html")
+# With this many CPUs or more, the NIfTI is compressed in a thread while the SEG and SR are built
+# (zlib releases the GIL). On 2 cores overlapping them was slower (BENCHMARKS.md), so not there.
+PARALLEL_NIFTI_MIN_CPUS = 4
 
 
 class _Timer(Protocol):
@@ -89,11 +94,13 @@ def _write_all(outdir: Path, volume: Volume, seg: Segmentation, lesions: list[Le
         with timer.stage("write_csv"):
             csv_out.write_csv(outdir / "lesions.csv", csv_out.lesion_rows(report))
 
+    nifti = None
     if "nifti" in fmts:
-        with timer.stage("write_nifti"):
-            from pipeline.io.nifti import write_label_nifti
-
-            write_label_nifti(seg.labels, seg.geometry, outdir / "segmentation.nii.gz")
+        nifti = _Background(_write_nifti, seg, outdir, timer)
+        if (os.cpu_count() or 1) >= PARALLEL_NIFTI_MIN_CPUS:
+            nifti.start()
+        else:
+            nifti.run()
 
     if dicom_ok and ("seg" in fmts or "sr" in fmts):
         with timer.stage("write_seg"):
@@ -132,6 +139,38 @@ def _write_all(outdir: Path, volume: Volume, seg: Segmentation, lesions: list[Le
                 write_html(outdir, volume, seg, report)
             except Exception as exc:  # noqa: BLE001
                 _failed("report.html", exc, warnings)
+
+    if nifti is not None:
+        nifti.result()  # a failed NIfTI fails the study, as it did when written inline
+
+
+def _write_nifti(seg: Segmentation, outdir: Path, timer: _Timer) -> None:
+    from pipeline.io.nifti import write_label_nifti
+
+    with timer.stage("write_nifti"):
+        write_label_nifti(seg.labels, seg.geometry, outdir / "segmentation.nii.gz")
+
+
+class _Background(threading.Thread):
+    """``fn(*args)`` run in a thread (``start``) or in place (``run``); ``result`` re-raises its error."""
+
+    def __init__(self, fn: Any, *args: Any) -> None:
+        super().__init__(name="osteoplan-writer", daemon=True)
+        self._call = (fn, args)
+        self._error: BaseException | None = None
+
+    def run(self) -> None:
+        fn, args = self._call
+        try:
+            fn(*args)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in result()
+            self._error = exc
+
+    def result(self) -> None:
+        if self.ident is not None:
+            self.join()
+        if self._error is not None:
+            raise self._error
 
 
 def start_source_prefetch(volume: Volume, formats: tuple[str, ...], deidentify: bool) -> SourcePrefetch | None:
