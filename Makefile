@@ -54,7 +54,8 @@ bench: venv
 	$(BIN)/python scripts/bench_batch.py --n 6
 
 bench-gpu: venv
-	$(BIN)/python scripts/bench.py --device cuda --size 512,512,400
+	$(BIN)/python scripts/bench.py --device cuda --size bench400 --repeat 5 --warmup
+	$(BIN)/python scripts/bench_batch.py --device cuda --study out/bench/bench400/phantom01 --copies 48 --workers 6
 
 fuzz: venv
 	$(BIN)/python scripts/fuzz_ingest.py --seconds 60
