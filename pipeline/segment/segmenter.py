@@ -30,6 +30,7 @@ from pipeline.segment.resample import (
     logits_to_labels,
     to_canonical,
 )
+from pipeline.segment.tta import refine_logits
 from pipeline.types import Segmentation, Volume
 
 log = logging.getLogger("osteoplan.segment")
@@ -201,8 +202,8 @@ class Segmenter:
             canon = canonical_geometry(volume.geometry, spacing)
             x = to_canonical(volume.array, volume.geometry, canon)
             x = normalise(x, self.bundle.metadata["intensity"])
-        with timer.stage("inference"):
-            logits = self.predict_logits(x)
+        with timer.stage("inference"):  # mirror TTA and class offsets (configs/inference.yaml): tta.py
+            logits = refine_logits(self.predict_logits, x, self.config, fast)
             del x
         with timer.stage("postprocess"):
             coarse = argmax_channels(logits[0]).numpy()
