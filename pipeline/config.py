@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from pipeline.errors import InputError
 
@@ -30,6 +32,43 @@ class Postprocess(BaseModel):
     bone_reference_margin_mm: float = Field(20.0, gt=0.0)
 
 
+class TestTimeAugmentation(BaseModel):
+    """Mirror test-time augmentation (pipeline/segment/tta.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+    flips: list[list[Literal["lr", "ap", "si"]]] = Field(
+        default_factory=lambda: [["lr"]],
+        description="extra network passes, each mirrored along these canonical axes (lr left-right, ap "
+                    "anterior-posterior, si superior-inferior); outputs are mirrored back and averaged; [] = off")
+    combine: Literal["logits", "softmax"] = Field("logits", description="average the logits or the probabilities")
+    in_fast: bool = Field(False, description="also mirror with --fast")
+
+    @field_validator("flips")
+    @classmethod
+    def _distinct(cls, flips: list[list[str]]) -> list[list[str]]:
+        seen = set()
+        for names in flips:
+            key = frozenset(names)
+            if not names or len(key) != len(names):
+                raise ValueError(f"each flip is a non-empty list of distinct axes (lr, ap, si), not {names}")
+            if key in seen:
+                raise ValueError(f"flip {names} is listed twice")
+            seen.add(key)
+        return flips
+
+
+class ClassOffsets(BaseModel):
+    """Constants added to a class's logit before the arg-max (a decision-threshold shift)."""
+
+    model_config = ConfigDict(extra="forbid")
+    canal: float = Field(0.0, ge=-20.0, le=20.0)
+    lesion: float = Field(0.0, ge=-20.0, le=20.0)
+    bone: float = Field(0.0, ge=-20.0, le=20.0)
+
+    def by_label(self) -> dict[int, float]:
+        return {1: self.canal, 2: self.lesion, 3: self.bone}
+
+
 class Memory(BaseModel):
     model_config = ConfigDict(extra="forbid")
     max_input_voxels: int = Field(1_500_000_000, gt=0)
@@ -42,6 +81,8 @@ class InferenceConfig(BaseModel):
     amp: bool = True
     threads: int = Field(0, ge=0, description="torch CPU threads; 0 = all cores")
     sliding_window: SlidingWindow = SlidingWindow()
+    tta: TestTimeAugmentation = TestTimeAugmentation()
+    class_offsets: ClassOffsets = ClassOffsets()
     postprocess: Postprocess = Postprocess()
     memory: Memory = Memory()
 

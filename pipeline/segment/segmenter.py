@@ -32,6 +32,7 @@ from pipeline.segment.resample import (
     to_canonical,
     to_canonical_on_device,
 )
+from pipeline.segment.tta import refine_logits
 from pipeline.types import Segmentation, Volume
 
 log = logging.getLogger("osteoplan.segment")
@@ -231,8 +232,8 @@ class Segmenter:
                 x = to_canonical(volume.array, volume.geometry, canon)
             x = normalise(x, self.bundle.metadata["intensity"])
             self._sync()
-        with timer.stage("inference"):
-            logits = self.predict_logits(x)
+        with timer.stage("inference"):  # mirror TTA and class offsets (configs/inference.yaml): tta.py
+            logits = refine_logits(self.predict_logits, x, self.config, fast)
             del x
             self._sync()
         with timer.stage("postprocess"):
