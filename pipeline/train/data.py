@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.segment.resample import canonical_geometry, to_canonical
-from pipeline.train.phantom import make_phantom
+from pipeline.train.phantom import Diversity, make_phantom
 from pipeline.types import BONE, CANAL, LESION, Geometry
 
 log = logging.getLogger("osteoplan.train.data")
@@ -35,9 +35,10 @@ class Case:
 
 def phantom_cases(n: int, seed: int, spacing: tuple[float, float, float], fast_spacing: tuple[float, float, float],
                   shape: tuple[int, int, int], domain_randomise_prob: float, fast_share: float,
-                  workers: int = 0) -> list[Case]:
+                  workers: int = 0, diversity: dict | None = None) -> list[Case]:
     """``n`` randomised phantoms. The draws are made here in one stream, so ``workers`` (processes)
-    changes the speed, never the result."""
+    changes the speed, never the result. ``diversity``: ``pipeline.train.phantom.Diversity`` fields
+    (None or all off: the phantoms are exactly those made before the option existed)."""
     rng = np.random.default_rng(seed)
     jobs = []
     for idx in range(n):
@@ -46,13 +47,15 @@ def phantom_cases(n: int, seed: int, spacing: tuple[float, float, float], fast_s
         sp = np.asarray(fast_spacing if coarse else spacing) * rng.uniform(0.9, 1.1, 3)
         dr = bool(rng.random() < domain_randomise_prob)
         n_les = int(rng.choice([0, 1, 2, 3, 4], p=[0.1, 0.25, 0.3, 0.2, 0.15]))
-        jobs.append((s, tuple(shape), tuple(float(v) for v in sp), dr, n_les, f"phantom-{seed}-{idx}"))
+        jobs.append((s, tuple(shape), tuple(float(v) for v in sp), dr, n_les, f"phantom-{seed}-{idx}", diversity))
     return parallel_map(_phantom_case, jobs, workers)
 
 
 def _phantom_case(job: tuple) -> Case:
-    s, shape, sp, dr, n_les, name = job
-    ph = make_phantom(s, shape=shape, spacing=sp, orientation="HFS", domain_randomise=dr, n_lesions=n_les)
+    s, shape, sp, dr, n_les, name, diversity = job
+    div = Diversity(**diversity) if diversity else None
+    ph = make_phantom(s, shape=shape, spacing=sp, orientation="HFS", domain_randomise=dr, n_lesions=n_les,
+                      diversity=div)
     return Case(ph.hu.astype(np.float32), ph.labels, name)
 
 

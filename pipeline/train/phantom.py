@@ -12,11 +12,18 @@ boundaries, placed at a chosen surface gap from the canal.
 Randomised per phantom (``PhantomParams``): anatomy sizes and curvature, tissue HU (bone HU
 varies with "age"), blur (partial volume), noise and its texture. With ``domain_randomise`` the
 tissue HU ranges are widened SynthSeg-style so a network learns shape and context, not one look.
+
+``Diversity`` (all off by default; off = the same random stream and the same arrays as before it
+existed) adds domain randomisation drawn from its own stream (``[params.seed, 0xD1CE]``), so the
+base patient is the same with it on or off: small lesions (radius 3-5 mm, often touching the canal,
+mixed ones with a lytic core and a dense rim), low-contrast lytic lesions in low-density trabecular
+bone, non-elliptic canal cross-sections (rounded triangle / trefoil, apex posterior) and CSF as
+dense as the surrounding soft tissue.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from scipy import ndimage
@@ -24,6 +31,44 @@ from scipy import ndimage
 from pipeline.types import BONE, CANAL, LESION, Geometry
 
 LESION_TYPES = ("lytic", "mixed", "blastic")
+CANAL_SHAPES = ("ellipse", "triangle", "trefoil")
+SMALL_LESION_RADIUS_MM = (3.0, 5.0)
+LOW_CONTRAST_TRAB_HU = (100.0, 220.0)
+LOW_CONTRAST_DELTA_HU = (20.0, 80.0)  # trabecular HU minus lytic HU
+CANAL_SHAPE_K = {"ellipse": (0.0, 0.0), "triangle": (0.12, 0.22), "trefoil": (0.26, 0.36)}
+
+
+@dataclass
+class Diversity:
+    """Extra domain randomisation of the generator (``data.phantom.diversity``); all off by default.
+
+    - ``small_lesion_prob``: per lesion, make it small (radius 3-5 mm, little irregularity; half of
+      them touch or nearly touch the canal; mixed ones get a lytic core with a dense rim half the time);
+    - ``low_contrast_lytic_prob``: per phantom, trabecular bone 100-220 HU and lytic tissue 20-80 HU
+      below it (at least one lesion, if any, becomes lytic);
+    - ``canal_shapes``: canal cross-sections drawn uniformly from these (``ellipse``, ``triangle``,
+      ``trefoil``: apex posterior, flat anterior wall at the ellipse's place);
+    - ``csf_like_tissue_prob``: per phantom, CSF HU = soft tissue HU -15..+5.
+    """
+
+    small_lesion_prob: float = 0.0
+    low_contrast_lytic_prob: float = 0.0
+    canal_shapes: tuple[str, ...] = ("ellipse",)
+    csf_like_tissue_prob: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.canal_shapes = tuple(self.canal_shapes)
+        bad = set(self.canal_shapes) - set(CANAL_SHAPES)
+        if bad or not self.canal_shapes:
+            raise ValueError(f"canal_shapes must be a non-empty subset of {CANAL_SHAPES}, got {self.canal_shapes}")
+        for name in ("small_lesion_prob", "low_contrast_lytic_prob", "csf_like_tissue_prob"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1]")
+
+    @property
+    def active(self) -> bool:
+        return bool(self.small_lesion_prob or self.low_contrast_lytic_prob or self.csf_like_tissue_prob
+                    or self.canal_shapes != ("ellipse",))
 
 
 @dataclass
@@ -38,6 +83,7 @@ class LesionSpec:
     lateral_mm: float = 0.0  # offset left/right of the midline
     elongation: tuple[float, float, float] = (1.0, 1.0, 1.0)
     irregularity: float = 0.15
+    mix_pattern: str = "random"  # mixed lesions: random partition | rim (lytic core, dense rim)
 
 
 @dataclass
@@ -69,10 +115,14 @@ class PhantomParams:
     lesions: list[LesionSpec] = field(default_factory=list)
     seed: int = 0
     lesion_zone_mm: float = 60.0  # lesions go in levels whose middle lies within +-this of the centre
+    canal_shape: str = "ellipse"  # ellipse | triangle | trefoil (Diversity)
+    canal_shape_k: float = 0.0  # strength of the 3-fold term of triangle / trefoil canals
+    lytic_hu: float | None = None  # fixed lytic HU (low-contrast lesions, Diversity); None: drawn in tissue_hu
 
 
 def draw_params(rng: np.random.Generator, n_lesions: int | None = None, lesions: list[LesionSpec] | None = None,
-                domain_randomise: bool = False, z_extent_mm: float = 200.0) -> PhantomParams:
+                domain_randomise: bool = False, z_extent_mm: float = 200.0,
+                diversity: Diversity | None = None) -> PhantomParams:
     """Draw a random patient. ``z_extent_mm`` is the cranio-caudal length of spine to build."""
     u = rng.uniform
     levels = []
@@ -125,7 +175,63 @@ def draw_params(rng: np.random.Generator, n_lesions: int | None = None, lesions:
         n = int(rng.integers(0, 5)) if n_lesions is None else n_lesions
         lesions = [random_lesion(rng) for _ in range(n)]
     params.lesions = lesions
+    if diversity is not None and diversity.active:
+        diversify(params, diversity)
     return params
+
+
+def diversify(params: PhantomParams, d: Diversity) -> None:
+    """Apply ``Diversity`` in place, from a stream of its own (the base draws are untouched)."""
+    g = np.random.default_rng([params.seed, 0xD1CE])
+    u = g.uniform
+    hu = params.hu
+    for i, ls in enumerate(params.lesions):
+        if g.random() < d.small_lesion_prob:
+            r = u(*SMALL_LESION_RADIUS_MM)
+            gap = u(-1.5, 1.0) if g.random() < 0.5 else ls.gap_mm
+            kind = str(g.choice(LESION_TYPES))
+            pattern = "rim" if kind == "mixed" and g.random() < 0.5 else "random"
+            params.lesions[i] = LesionSpec(type=kind, site=ls.site, level=ls.level, radius_mm=r, gap_mm=gap,
+                                           lateral_mm=ls.lateral_mm * 0.5,
+                                           elongation=(u(0.85, 1.2), u(0.85, 1.2), u(0.85, 1.2)),
+                                           irregularity=u(0.0, 0.1), mix_pattern=pattern)
+    if g.random() < d.low_contrast_lytic_prob:
+        trab = u(*LOW_CONTRAST_TRAB_HU)
+        hu["arch"] += 0.5 * (trab - hu["trab"])
+        hu["trab"] = trab
+        hu["cortex"] = max(hu["cortex"], trab + 250.0)
+        params.lytic_hu = trab - u(*LOW_CONTRAST_DELTA_HU)
+        if params.lesions and not any(ls.type == "lytic" for ls in params.lesions):
+            params.lesions[0] = replace(params.lesions[0], type="lytic")  # never edit the caller's spec
+    shape = str(g.choice(d.canal_shapes))
+    params.canal_shape = shape
+    params.canal_shape_k = float(u(*CANAL_SHAPE_K[shape])) if shape != "ellipse" else 0.0
+    if g.random() < d.csf_like_tissue_prob:
+        hu["csf"] = hu["soft"] + u(-15.0, 5.0)
+
+
+def canal_rho(u: np.ndarray, v: np.ndarray, radii: tuple[float, float], shape: str = "ellipse",
+              k: float = 0.0) -> np.ndarray:
+    """Normalised radial coordinate of the canal cross-section (<= 1 inside); ``v`` points posterior.
+
+    Ellipse: ``sqrt((u/rx)^2 + (v/ry)^2)``. Triangle / trefoil: the ellipse's polar radius is
+    modulated by ``1 + k cos(3 (theta - 90 deg))`` (apex posterior, flat anterior wall), scaled so the
+    anterior wall stays where the ellipse has it.
+    """
+    rx, ry = radii
+    a, b = u / rx, v / ry
+    r = np.sqrt(a**2 + b**2)
+    if shape == "ellipse" or k == 0.0:
+        return r
+    theta = np.arctan2(b, a)
+    return r * (1.0 - k) / (1.0 + k * np.cos(3.0 * theta - 1.5 * np.pi))
+
+
+def canal_posterior_extent(p: PhantomParams) -> float:
+    """How far (mm, along +P) the canal reaches behind its centre."""
+    if p.canal_shape == "ellipse" or p.canal_shape_k == 0.0:
+        return p.canal_radii[1]
+    return p.canal_radii[1] * (1.0 + p.canal_shape_k) / (1.0 - p.canal_shape_k)
 
 
 def random_lesion(rng: np.random.Generator) -> LesionSpec:
@@ -192,7 +298,7 @@ class _Anatomy:
             v = -(rcy + ls.gap_mm + r_ap)
             u_off = ls.lateral_mm
         else:  # posterior arch (+P), beside the midline in a lamina
-            v = rcy + ls.gap_mm + r_ap
+            v = canal_posterior_extent(self.p) + ls.gap_mm + r_ap
             u_off = ls.lateral_mm
         return np.array([cx[0] + u_off, cy[0] + v, zc])
 
@@ -253,7 +359,10 @@ class _Anatomy:
         tissue[vbody] = T_TRAB
         tissue[vbody & ((rho_b > 1 - cortex_n) | endplate)] = T_CORTEX
         # posterior arch: ring around the canal, posterior/lateral half, middle of the level
-        rho_c = np.sqrt((u / rcx) ** 2 + (v / rcy) ** 2)
+        if p.canal_shape == "ellipse":
+            rho_c = np.sqrt((u / rcx) ** 2 + (v / rcy) ** 2)
+        else:
+            rho_c = canal_rho(u, v, (rcx, rcy), p.canal_shape, p.canal_shape_k)
         mid = in_vert & (frac > 0.15) & (frac < 0.85)
         arch = mid & (rho_c > 1.0) & (rho_c <= 1.0 + p.arch_mm / min(rcx, rcy)) & (v > -0.35 * rcy)
         spin = (in_vert & (frac > 0.2) & (frac < 0.8) & (np.abs(u) <= 2.5 + 0.08 * (v - rcy))
@@ -299,6 +408,10 @@ class _Anatomy:
                 tissue[m] = T_LYTIC
             elif ls.type == "blastic":
                 tissue[m] = T_BLASTIC
+            elif ls.mix_pattern == "rim":  # lytic core, dense rim
+                core = rr[m] < 0.6
+                tissue[np.flatnonzero(m)[~core]] = T_BLASTIC
+                tissue[np.flatnonzero(m)[core]] = T_LYTIC
             else:
                 mix = rng_field.sample(d[m] / max(ls.radius_mm * 0.5, 1.0), idx + 50) > 0.0
                 tissue[np.flatnonzero(m)[mix]] = T_BLASTIC
@@ -331,6 +444,8 @@ def tissue_hu(p: PhantomParams, rng: np.random.Generator) -> np.ndarray:
     """HU per tissue code (index = code)."""
     h = p.hu
     lytic = rng.uniform(-20, 90)
+    if p.lytic_hu is not None:  # drawn above all the same: the stream stays as it was
+        lytic = p.lytic_hu
     blastic = rng.uniform(max(450, h["trab"] + 250), 1150)
     return np.array([h["air"], h["fat"], h["soft"], h["muscle"], h["organ"], h["lung"], h["table"], h["disc"],
                      h["trab"], h["cortex"], h["arch"], h["csf"], lytic, blastic], np.float32)
@@ -407,10 +522,10 @@ def patient_geometry(params: PhantomParams, shape: tuple[int, int, int], spacing
 def make_phantom(seed: int, shape: tuple[int, int, int] = (128, 128, 64),
                  spacing: tuple[float, float, float] = (1.5, 1.5, 1.5), orientation: str = "HFS",
                  lesions: list[LesionSpec] | None = None, n_lesions: int | None = None,
-                 domain_randomise: bool = False) -> Phantom:
+                 domain_randomise: bool = False, diversity: Diversity | None = None) -> Phantom:
     rng = np.random.default_rng(seed)
     z_ext = shape[2] * spacing[2]
     params = draw_params(rng, n_lesions=n_lesions, lesions=lesions, domain_randomise=domain_randomise,
-                         z_extent_mm=z_ext + 40)
+                         z_extent_mm=z_ext + 40, diversity=diversity)
     geom = patient_geometry(params, shape, spacing, orientation)
     return render(params, geom)

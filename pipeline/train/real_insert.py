@@ -428,8 +428,13 @@ def _site_masks(ct_vert: np.ndarray, labels: np.ndarray, body: np.ndarray | None
 def insert_lesion(image: np.ndarray, labels: np.ndarray, vert: np.ndarray, body: np.ndarray | None,
                   spacing: tuple[float, float, float], rng: np.random.Generator, noise_hu: float,
                   noise_sigma_vox: float, kind: str | None = None, site: str | None = None,
-                  canal_edt: np.ndarray | None = None) -> InsertedLesion | None:
-    """Insert one metastasis in place into ``image`` (HU) and ``labels``; None if no room was found."""
+                  canal_edt: np.ndarray | None = None, small_lesion_prob: float = 0.0,
+                  low_contrast_lytic_prob: float = 0.0) -> InsertedLesion | None:
+    """Insert one metastasis in place into ``image`` (HU) and ``labels``; None if no room was found.
+
+    ``small_lesion_prob`` / ``low_contrast_lytic_prob`` (0: the random stream is as before they existed):
+    radius 3-5 mm; lytic HU 20-80 HU below the vertebra's bone reference (at least 20 HU).
+    """
     sp = np.asarray(spacing, float)
     ids = [int(v) for v in np.unique(vert) if v and (vert == v).sum() * np.prod(sp) > 3000.0]
     if not ids:
@@ -443,6 +448,8 @@ def insert_lesion(image: np.ndarray, labels: np.ndarray, vert: np.ndarray, body:
         region = (vert == vid) & (labels == BONE)
         site = "vertebra"
     radius = float(rng.uniform(3.0, 11.0) if site == "body" else rng.uniform(2.5, 6.5))
+    if small_lesion_prob > 0 and rng.random() < small_lesion_prob:
+        radius = float(rng.uniform(3.0, 5.0))
     # choose a centre: deep enough in the region for a radius-sized core, at a random distance band
     inner = ndimage.distance_transform_edt(region, sampling=sp)
     cand = np.argwhere(inner >= min(0.5 * radius, float(inner.max()) * 0.8))
@@ -486,6 +493,8 @@ def insert_lesion(image: np.ndarray, labels: np.ndarray, vert: np.ndarray, body:
     wt = w * np.where(allowed, np.maximum(allowed_soft, 0.5), allowed_soft)
     bone_ref = float(np.median(image[(vert == vid) & (labels == BONE)]))
     lytic_hu = float(rng.uniform(20.0, 60.0))
+    if low_contrast_lytic_prob > 0 and rng.random() < low_contrast_lytic_prob:
+        lytic_hu = float(max(bone_ref - rng.uniform(20.0, 80.0), 20.0))
     blastic_hu = float(min(bone_ref + rng.uniform(500.0, 1200.0), 1800.0))
     texture = smooth_noise(shape, float(rng.uniform(0.8, 2.0)), rng)
     if kind == "lytic":
@@ -517,7 +526,8 @@ def _crop_box(ct: RealCT, rng: np.random.Generator, crop_mm: tuple[float, float,
 
 
 def make_case(ct: RealCT, rng: np.random.Generator, max_lesions: int = 4,
-              crop_mm: tuple[float, float, float] = (180.0, 180.0, 160.0), index: int = 0
+              crop_mm: tuple[float, float, float] = (180.0, 180.0, 160.0), index: int = 0,
+              small_lesion_prob: float = 0.0, low_contrast_lytic_prob: float = 0.0
               ) -> tuple[Case, list[InsertedLesion]]:
     """One randomised training case (crop, lesion set, intensity jitter) from a real background."""
     box = _crop_box(ct, rng, crop_mm)
@@ -531,7 +541,8 @@ def make_case(ct: RealCT, rng: np.random.Generator, max_lesions: int = 4,
     inserted = []
     for _ in range(n):
         les = insert_lesion(image, labels, vert, body, ct.geometry.spacing, rng, ct.noise_hu, ct.noise_sigma_vox,
-                            canal_edt=edt)
+                            canal_edt=edt, small_lesion_prob=small_lesion_prob,
+                            low_contrast_lytic_prob=low_contrast_lytic_prob)
         if les is not None:
             inserted.append(les)
     image = image * float(rng.uniform(0.97, 1.03)) + float(rng.uniform(-15.0, 15.0))
@@ -540,7 +551,8 @@ def make_case(ct: RealCT, rng: np.random.Generator, max_lesions: int = 4,
 
 def real_insert_cases(data_root: Path, n_cases: int, seed: int, spacing: tuple[float, float, float],
                       sources: tuple[str, ...] = SOURCES, max_lesions: int = 4,
-                      crop_mm: tuple[float, float, float] = (180.0, 180.0, 160.0), workers: int = 0) -> list[Case]:
+                      crop_mm: tuple[float, float, float] = (180.0, 180.0, 160.0), workers: int = 0,
+                      small_lesion_prob: float = 0.0, low_contrast_lytic_prob: float = 0.0) -> list[Case]:
     """``n_cases`` cases spread over the available backgrounds (round robin). Empty if none exist.
 
     ``workers == 0``: one random stream over all cases in this process (how the stage-2 pool was made).
@@ -552,11 +564,12 @@ def real_insert_cases(data_root: Path, n_cases: int, seed: int, spacing: tuple[f
         return []
     if workers <= 0:
         rng = np.random.default_rng(seed)
-        return [make_case(cts[i % len(cts)], rng, max_lesions, crop_mm, index=i)[0] for i in range(n_cases)]
+        return [make_case(cts[i % len(cts)], rng, max_lesions, crop_mm, index=i, small_lesion_prob=small_lesion_prob,
+                          low_contrast_lytic_prob=low_contrast_lytic_prob)[0] for i in range(n_cases)]
     from pipeline.train.data import parallel_map
 
     _WORKER_CTS[:] = cts  # forked workers inherit them
-    jobs = [(i, seed, max_lesions, tuple(crop_mm)) for i in range(n_cases)]
+    jobs = [(i, seed, max_lesions, tuple(crop_mm), small_lesion_prob, low_contrast_lytic_prob) for i in range(n_cases)]
     try:
         return parallel_map(_seeded_case, jobs, workers)
     finally:
@@ -567,9 +580,10 @@ _WORKER_CTS: list[RealCT] = []
 
 
 def _seeded_case(job: tuple) -> Case:
-    i, seed, max_lesions, crop_mm = job
+    i, seed, max_lesions, crop_mm, small_p, low_p = job
     rng = np.random.default_rng([seed, i])
-    return make_case(_WORKER_CTS[i % len(_WORKER_CTS)], rng, max_lesions, crop_mm, index=i)[0]
+    return make_case(_WORKER_CTS[i % len(_WORKER_CTS)], rng, max_lesions, crop_mm, index=i, small_lesion_prob=small_p,
+                     low_contrast_lytic_prob=low_p)[0]
 
 
 # ------------------------------------------------------------------------------------------- previews

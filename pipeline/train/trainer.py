@@ -13,7 +13,7 @@ import os
 import random
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -25,6 +25,32 @@ from pipeline.errors import InputError
 log = logging.getLogger("osteoplan.train")
 
 
+class PhantomDiversity(BaseModel):
+    """Extra domain randomisation of the phantom generator (``pipeline.train.phantom.Diversity``).
+
+    All off by default; off, the pool is exactly the one made before these options existed."""
+
+    model_config = ConfigDict(extra="forbid")
+    small_lesion_prob: float = Field(0.0, ge=0.0, le=1.0, description="per lesion: radius 3-5 mm, often touching")
+    low_contrast_lytic_prob: float = Field(0.0, ge=0.0, le=1.0,
+                                           description="per phantom: lytic 20-80 HU below 100-220 HU trabecular bone")
+    canal_shapes: tuple[Literal["ellipse", "triangle", "trefoil"], ...] = Field(
+        ("ellipse",), min_length=1, description="canal cross-sections, drawn uniformly")
+    csf_like_tissue_prob: float = Field(0.0, ge=0.0, le=1.0, description="per phantom: CSF HU = soft tissue -15..+5")
+
+    def is_off(self) -> bool:
+        return self == PhantomDiversity()
+
+
+class RealInsertDiversity(BaseModel):
+    """Small and low-contrast inserted lesions in real CT (off by default: the same cases as before)."""
+
+    model_config = ConfigDict(extra="forbid")
+    small_lesion_prob: float = Field(0.0, ge=0.0, le=1.0, description="per lesion: radius 3-5 mm")
+    low_contrast_lytic_prob: float = Field(0.0, ge=0.0, le=1.0,
+                                           description="per lytic part: 20-80 HU below the vertebra's bone reference")
+
+
 class PhantomSource(BaseModel):
     model_config = ConfigDict(extra="forbid")
     n_train: int = Field(96, ge=0)
@@ -32,6 +58,7 @@ class PhantomSource(BaseModel):
     shape: tuple[int, int, int] = (176, 144, 96)
     domain_randomise_prob: float = 0.4
     fast_share: float = 0.25
+    diversity: PhantomDiversity = PhantomDiversity()
 
 
 class NnunetSource(BaseModel):
@@ -53,6 +80,7 @@ class RealInsertSource(BaseModel):
     max_lesions: int = Field(4, ge=0)
     crop_mm: tuple[float, float, float] = (180.0, 180.0, 160.0)
     repeat: int = Field(1, ge=1, description="how many times each case enters the training pool")
+    diversity: RealInsertDiversity = RealInsertDiversity()
 
 
 class DataConfig(BaseModel):
@@ -156,7 +184,8 @@ def _build_pool(cfg: TrainConfig, rank: int, cache_dir: Path):
     else:
         t0 = time.time()
         tr = phantom_cases(pc.n_train, cfg.seed * 1000 + rank, cfg.target_spacing_mm, cfg.fast_spacing_mm, pc.shape,
-                           pc.domain_randomise_prob, pc.fast_share, workers=cfg.data.pool_workers)
+                           pc.domain_randomise_prob, pc.fast_share, workers=cfg.data.pool_workers,
+                           diversity=None if pc.diversity.is_off() else pc.diversity.model_dump())
         va = phantom_cases(pc.n_val, 10_000_000 + cfg.seed, cfg.target_spacing_mm, cfg.fast_spacing_mm, pc.shape,
                            0.0, 0.0)
         train = [(_normalise_np(c.image, cfg.intensity), c.labels) for c in tr]
@@ -191,7 +220,9 @@ def _real_insert_pool(cfg: TrainConfig, rank: int) -> list[tuple[np.ndarray, np.
     if not root.is_dir():
         raise InputError(f"data.real_insert: data_root {root} does not exist")
     cases = real_insert_cases(root, ri.n_cases, cfg.seed * 1000 + rank + 555, cfg.target_spacing_mm, ri.sources,
-                              ri.max_lesions, ri.crop_mm, workers=cfg.data.pool_workers)
+                              ri.max_lesions, ri.crop_mm, workers=cfg.data.pool_workers,
+                              small_lesion_prob=ri.diversity.small_lesion_prob,
+                              low_contrast_lytic_prob=ri.diversity.low_contrast_lytic_prob)
     if not cases:
         raise InputError(f"data.real_insert: no allowed real CT background found under {root}")
     log.info("added %d real-CT cases with inserted lesions (x%d)", len(cases), ri.repeat)
