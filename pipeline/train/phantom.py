@@ -185,6 +185,7 @@ def diversify(params: PhantomParams, d: Diversity) -> None:
     g = np.random.default_rng([params.seed, 0xD1CE])
     u = g.uniform
     hu = params.hu
+    params.lesions = list(params.lesions)  # a copy: specs are replaced, never edited (the caller's list stays)
     for i, ls in enumerate(params.lesions):
         if g.random() < d.small_lesion_prob:
             r = u(*SMALL_LESION_RADIUS_MM)
