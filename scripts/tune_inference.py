@@ -101,14 +101,14 @@ def grow_lesions(logits: torch.Tensor, min_prob: float, lesion: int = 2, into=No
     return int(grown.sum())
 
 
-def score_case(case, canon, logits: torch.Tensor, runner) -> dict:
+def score_case(case, canon, logits: torch.Tensor, runner, corner_labels: bool = False) -> dict:
     from pipeline.measure.lesions import measure_lesions
     from pipeline.segment.resample import logits_to_labels
     from pipeline.train.evaluate import _distance_errors, detect, dice, lesion_instances
     from pipeline.types import ModelInfo, Segmentation
 
     geom = case.volume.geometry
-    labels = logits_to_labels(logits, canon, geom)
+    labels = logits_to_labels(logits, canon, geom, corner_labels=corner_labels)
     info = ModelInfo(name="tune", version="0", sha256="", spacing_mm=tuple(canon.spacing))
     seg = Segmentation(labels=labels, geometry=geom, model=info, device="cpu")
     post = runner.config.postprocess
@@ -147,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--canal-offsets", default="0", help="comma-separated logit offsets for class 1")
     ap.add_argument("--grow", default="0", help="comma-separated lesion hysteresis probabilities (0 = off)")
     ap.add_argument("--grow-into", default="any", help="comma-separated: any | bone | bone+lesion ...")
-    ap.add_argument("--interp", default="logits", help="comma-separated: logits | probs (what is resampled)")
+    ap.add_argument("--interp", default="logits", help="comma-separated: logits | probs (what is resampled) | corner (logits, labels limited to "
+                         "the 8 surrounding model voxels' labels)")
     ap.add_argument("--out", type=Path, default=None, help="write all results as JSON here")
     args = ap.parse_args(argv)
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
@@ -181,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
             if interp.startswith("probs"):
                 t = float(interp[6:]) if interp.startswith("probsT") else 1.0
                 lg = torch.softmax(lg / t, dim=1)
-            scores.append(score_case(c, canons[c.name], lg, runner))
+            scores.append(score_case(c, canons[c.name], lg, runner, corner_labels=interp == "corner"))
         s = summarise(scores)
         row = {"mirrors": "+".join(mirrors), "mode": mode, "lesion_offset": les_off, "canal_offset": can_off,
                "grow": grow, "grow_into": into, "interp": interp, **s,

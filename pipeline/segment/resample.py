@@ -249,7 +249,8 @@ def _axis_map(m: np.ndarray, shape: tuple[int, ...], tol: float = 1e-6) -> list[
 
 
 def logits_to_labels(logits: torch.Tensor, canon: Geometry, geom: Geometry, slab_voxels: int = 8_000_000,
-                     roi_ijk: tuple[np.ndarray, np.ndarray] | None = None, order: str = "C") -> np.ndarray:
+                     roi_ijk: tuple[np.ndarray, np.ndarray] | None = None, order: str = "C",
+                     corner_labels: bool = False) -> np.ndarray:
     """Trilinear-sample canonical logits (1, C, X, Y, Z) at ``geom``'s voxel centres; argmax -> uint8.
 
     ``roi_ijk`` (lo, hi inclusive input indices) restricts the work to a box; voxels outside it
@@ -259,6 +260,12 @@ def logits_to_labels(logits: torch.Tensor, canon: Geometry, geom: Geometry, slab
     are actually sampled; the rest take their cell's label. Sampling works in chunks of
     ``slab_voxels`` voxels. ``order`` ("C" or "F") is the memory order of the returned map: "F"
     (slice-major, like the DICOM loader's arrays) makes NIfTI and DICOM SEG writing copy-free.
+
+    ``corner_labels``: a voxel may only take a label that one of the 8 model voxels around it has
+    (the arg-max among those labels). Plain trilinear interpolation of logits can make a label
+    that none of them has: between a lesion voxel and a canal voxel whose second-best class is
+    bone, a one-voxel layer of bone appears, and a lesion that touches the canal on the model's
+    grid is measured 1-2 voxels away from it. Uniform cells are unaffected.
     """
     if order not in ("C", "F"):
         raise ValueError("order must be 'C' or 'F'")
@@ -284,6 +291,7 @@ def logits_to_labels(logits: torch.Tensor, canon: Geometry, geom: Geometry, slab
     crop = src[0, :, c_lo[0]:c_hi[0] + 1, c_lo[1]:c_hi[1] + 1, c_lo[2]:c_hi[2] + 1]
     cells = _uniform_cells(crop)
     ncell = np.asarray(cells.shape)
+    node_labels = argmax_channels(crop).numpy() if corner_labels else None
 
     axes = _axis_map(m, sub_shape)
     out = np.empty(sub_shape, np.uint8, order=order)
@@ -317,6 +325,9 @@ def logits_to_labels(logits: torch.Tensor, canon: Geometry, geom: Geometry, slab
         norm = 2.0 * pos / size - 1.0
         grid = torch.from_numpy(np.ascontiguousarray(norm[:, ::-1], dtype=np.float32)).view(1, 1, 1, -1, 3)
         scores = _sample(src, grid, "bilinear")[0, :, 0, 0]  # (C, n)
+        if node_labels is not None:
+            lower = [_cell_index(pos[:, d], cn[d], c_lo[d], ncell[d]) for d in range(3)]
+            scores = _keep_corner_labels(scores, node_labels, lower)
         flat_out[flat] = scores.argmax(dim=0).to(torch.uint8).numpy()
     labels[lo[0]:hi[0] + 1, lo[1]:hi[1] + 1, lo[2]:hi[2] + 1] = out
     return labels
@@ -324,7 +335,7 @@ def logits_to_labels(logits: torch.Tensor, canon: Geometry, geom: Geometry, slab
 
 def sample_labels(logits: torch.Tensor, canon: Geometry, geom: Geometry,
                   roi_ijk: tuple[np.ndarray, np.ndarray] | None = None, order: str = "C",
-                  chunk_voxels: int = 8_000_000) -> np.ndarray:
+                  chunk_voxels: int = 8_000_000, corner_labels: bool = False) -> np.ndarray:
     """``logits_to_labels`` for logits on a GPU: every voxel of the box is sampled there.
 
     On a GPU sampling every voxel of the box (``grid_sample``, border padding,
@@ -332,6 +343,7 @@ def sample_labels(logits: torch.Tensor, canon: Geometry, geom: Geometry,
     the uint8 labels come back to the host, chunk by chunk along the output's slowest memory
     axis. Sample positions are computed in float64 on the device, as the host path computes
     them, then cast to float32 for ``grid_sample``. Works on the CPU too (tests use it there).
+    ``corner_labels``: as in ``logits_to_labels``.
     """
     if order not in ("C", "F"):
         raise ValueError("order must be 'C' or 'F'")
@@ -350,6 +362,11 @@ def sample_labels(logits: torch.Tensor, canon: Geometry, geom: Geometry,
     # normalised canonical coordinate c of input voxel (i, j, k): a[c] + sum_axis b[c, axis] * index
     a = torch.tensor((m[:3, :3] @ lo + m[:3, 3]) * scale - 1.0, dtype=torch.float64, device=dev)
     b = torch.tensor(m[:3, :3] * scale[:, None], dtype=torch.float64, device=dev)
+    # the same in canonical index units (for the nodes around each sample)
+    a_idx = torch.tensor(m[:3, :3] @ lo + m[:3, 3], dtype=torch.float64, device=dev)
+    b_idx = torch.tensor(m[:3, :3], dtype=torch.float64, device=dev)
+    node_labels = src[0].argmax(dim=0) if corner_labels else None
+    cn = [int(v) for v in canon.shape]
     # output layout: slowest memory axis first ("F": k, j, i; "C": i, j, k)
     layout = (2, 1, 0) if order == "F" else (0, 1, 2)
     n_layout = [sub_shape[ax] for ax in layout]
@@ -368,9 +385,40 @@ def sample_labels(logits: torch.Tensor, canon: Geometry, geom: Geometry,
         grid = torch.stack([(b[c, layout[0]] * first)[:, None, None] + tail[c][None] for c in (2, 1, 0)], dim=-1)
         scores = F.grid_sample(src, grid.to(torch.float32)[None], mode="bilinear", padding_mode="border",
                                align_corners=True)[0]  # (C, n0, n1, n2)
+        if node_labels is not None:
+            allowed = torch.zeros(scores.shape, dtype=torch.bool, device=dev)
+            lower = []
+            for c in range(3):
+                pos = (b_idx[c, layout[0]] * first)[:, None, None] + ((b_idx[c, layout[1]] * idx[1])[:, None]
+                                                                      + (b_idx[c, layout[2]] * idx[2])[None, :]
+                                                                      + a_idx[c])[None]
+                lo_c = torch.floor(pos.clamp(0, cn[c] - 1)).long().clamp_(0, max(cn[c] - 2, 0))
+                lower.append((lo_c, (lo_c + 1).clamp_(max=cn[c] - 1)))
+            for i in lower[0]:
+                for j in lower[1]:
+                    for k in lower[2]:
+                        allowed.scatter_(0, node_labels[i, j, k].long()[None], True)
+            scores = scores.masked_fill(~allowed, -float("inf"))
         lab = scores.argmax(dim=0).to(torch.uint8)
         view[s0:s1] = lab.cpu().numpy()
     return labels
+
+
+def _keep_corner_labels(scores: torch.Tensor, node_labels: np.ndarray, lower: list[np.ndarray]) -> torch.Tensor:
+    """``scores`` (C, n) with every class that none of the 8 nodes around each sample has set to
+    -inf. ``node_labels``: arg-max labels of the model-grid nodes (crop); ``lower``: per axis the
+    crop index of each sample's lower node (its upper node is the next one, clamped)."""
+    n_c = scores.shape[0]
+    allowed = np.zeros((len(lower[0]), n_c), bool)
+    rows = np.arange(len(lower[0]))
+    pairs = [(lo, np.minimum(lo + 1, node_labels.shape[d] - 1)) for d, lo in enumerate(lower)]
+    for a in pairs[0]:
+        for b in pairs[1]:
+            for c in pairs[2]:
+                allowed[rows, node_labels[a, b, c]] = True
+    out = scores.clone()
+    out[torch.from_numpy(~allowed.T)] = -float("inf")
+    return out
 
 
 def _cell_index(pos: np.ndarray, n: int, c_lo: int, ncell: int) -> np.ndarray:
