@@ -30,6 +30,8 @@ class Postprocess(BaseModel):
     require_bone_contact: bool = True
     keep_largest_canal_component: bool = True
     bone_reference_margin_mm: float = Field(20.0, gt=0.0)
+    corner_labels: bool = Field(True, description="back on the input grid, a voxel takes only a label that one of the "
+                                "8 model voxels around it has (no spurious layer between touching classes)")
 
 
 class TestTimeAugmentation(BaseModel):
@@ -37,7 +39,7 @@ class TestTimeAugmentation(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     flips: list[list[Literal["lr", "ap", "si"]]] = Field(
-        default_factory=lambda: [["lr"]],
+        default_factory=list,
         description="extra network passes, each mirrored along these canonical axes (lr left-right, ap "
                     "anterior-posterior, si superior-inferior); outputs are mirrored back and averaged; [] = off")
     combine: Literal["logits", "softmax"] = Field("logits", description="average the logits or the probabilities")

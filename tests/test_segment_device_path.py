@@ -118,3 +118,56 @@ def test_segment_on_device_path_equals_host_path(name):
     assert dev.labels.flags.f_contiguous and host.labels.flags.f_contiguous
     assert len(np.unique(host.labels)) > 1  # boundaries exist: the comparison means something
     np.testing.assert_array_equal(dev.labels, host.labels)
+
+
+def _reference_corner_labels(logits: torch.Tensor, canon: Geometry, geom: Geometry) -> np.ndarray:
+    """grid_sample every voxel centre, then the arg-max among the labels of its 8 model nodes."""
+    from pipeline.segment.resample import _sample
+
+    node = logits[0].argmax(0).numpy()
+    cn = np.asarray(canon.shape)
+    m = np.linalg.inv(canon.affine_lps) @ geom.affine_lps
+    ijk = np.argwhere(np.ones(geom.shape, bool))
+    pos = ijk @ m[:3, :3].T + m[:3, 3]
+    norm = 2 * pos / np.maximum(cn - 1, 1) - 1
+    grid = torch.from_numpy(np.ascontiguousarray(norm[:, ::-1], dtype=np.float32)).view(1, 1, 1, -1, 3)
+    scores = _sample(logits.float(), grid, "bilinear")[0, :, 0, 0].numpy()
+    lower = [np.clip(np.floor(np.clip(pos[:, d], 0, cn[d] - 1)).astype(int), 0, max(cn[d] - 2, 0)) for d in range(3)]
+    ok = np.zeros((len(pos), scores.shape[0]), bool)
+    for corner in np.ndindex(2, 2, 2):
+        at = [np.minimum(lower[d] + corner[d], cn[d] - 1) for d in range(3)]
+        ok[np.arange(len(pos)), node[at[0], at[1], at[2]]] = True
+    scores[~ok.T] = -np.inf
+    out = np.zeros(geom.shape, np.uint8)
+    out[tuple(ijk.T)] = scores.argmax(0)
+    return out
+
+
+@pytest.mark.parametrize("name", list(DIRECTIONS))
+@pytest.mark.parametrize("quantised", [False, True])
+def test_corner_labels_on_both_paths_equal_the_reference(name, quantised):
+    geom = _geom(name)
+    canon = canonical_geometry(geom, (1.5, 1.5, 1.5))
+    logits = _logits(canon, 5, quantised)
+    ref = _reference_corner_labels(logits, canon, geom)
+    for order in ("C", "F"):
+        np.testing.assert_array_equal(logits_to_labels(logits, canon, geom, order=order, corner_labels=True), ref)
+        np.testing.assert_array_equal(
+            sample_labels(logits, canon, geom, order=order, chunk_voxels=400, corner_labels=True), ref)
+
+
+def test_corner_labels_keep_touching_classes_in_contact():
+    """Lesion and canal nodes side by side, bone second-best in both: plain trilinear interpolation
+    puts bone between them on a finer grid; with corner labels they stay in contact."""
+    canon = Geometry(shape=(2, 3, 3), spacing=(3.0, 3.0, 3.0), origin=(0.0, 0.0, 0.0), direction=np.eye(3))
+    logits = torch.zeros((1, 4) + canon.shape)
+    logits[0, 1, 0] = 10.0  # canal at i = 0
+    logits[0, 3, 0] = 8.0
+    logits[0, 2, 1] = 10.0  # lesion at i = 1
+    logits[0, 3, 1] = 8.0
+    geom = Geometry(shape=(7, 3, 3), spacing=(0.5, 3.0, 3.0), origin=(0.0, 0.0, 0.0), direction=np.eye(3))
+    plain = logits_to_labels(logits, canon, geom)[:, 1, 1].tolist()
+    assert 3 in plain  # the artefact: a bone layer between canal and lesion
+    for fn in (logits_to_labels, sample_labels):
+        got = fn(logits, canon, geom, corner_labels=True)[:, 1, 1].tolist()
+        assert set(got) == {1, 2} and got == sorted(got)  # canal, then lesion, touching

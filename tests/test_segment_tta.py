@@ -108,9 +108,9 @@ def test_refine_logits_applies_offsets_to_four_class_logits():
     assert out[0, :, 0, 0, 0].tolist() == [0.0, 1.5, -2.0, 0.0]
 
 
-def test_shipped_config_mirrors_left_right_by_default_but_not_in_fast_mode():
+def test_shipped_config_has_no_mirrors_by_default_and_none_in_fast_mode():
     cfg = load_inference_config()
-    assert cfg.tta.flips == [["lr"]] and not cfg.tta.in_fast and cfg.tta.combine == "logits"
+    assert cfg.tta.flips == [] and not cfg.tta.in_fast and cfg.tta.combine == "logits"
     assert cfg.class_offsets.by_label() == {1: 0.0, 2: 0.0, 3: 0.0}
     assert InferenceConfig().tta == cfg.tta  # the code default is the shipped setting
 

@@ -240,16 +240,19 @@ class Segmenter:
             # same memory order as the image (the DICOM loader's is slice-major "F"): writers copy less
             order = "F" if (volume.array.flags.f_contiguous and not volume.array.flags.c_contiguous) else "C"
             slab = self.config.memory.upsample_slab_voxels
+            corner = self.config.postprocess.corner_labels
             if self.resample_on_device and logits.device.type == self.device.type:  # only uint8 labels come back
                 coarse = logits[0].argmax(dim=0)  # first index on ties, like argmax_channels
                 roi = foreground_roi(coarse, canon, volume.geometry, margin_vox=2)
                 labels = (np.zeros(volume.geometry.shape, np.uint8, order=order) if roi is None else
-                          sample_labels(logits, canon, volume.geometry, roi_ijk=roi, order=order, chunk_voxels=slab))
+                          sample_labels(logits, canon, volume.geometry, roi_ijk=roi, order=order, chunk_voxels=slab,
+                                        corner_labels=corner))
             else:
                 coarse = argmax_channels(logits[0]).numpy()
                 roi = foreground_roi(coarse, canon, volume.geometry, margin_vox=2)
                 labels = (np.zeros(volume.geometry.shape, np.uint8, order=order) if roi is None else
-                          logits_to_labels(logits, canon, volume.geometry, slab_voxels=slab, roi_ijk=roi, order=order))
+                          logits_to_labels(logits, canon, volume.geometry, slab_voxels=slab, roi_ijk=roi, order=order,
+                                           corner_labels=corner))
             del logits
         info = self.bundle.info
         if fast:
