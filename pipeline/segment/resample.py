@@ -75,14 +75,8 @@ def _separable_linear(array: np.ndarray, axis_for_lps: list[int], sign: list[int
     (int16, any memory order), and never converted to float as a whole.
     """
     x = np.asarray(array)
-    # work in memory order (outermost axis first) so that np.take copies contiguous runs
-    mem = sorted(range(3), key=lambda a: -abs(x.strides[a]))
+    mem, pos_of_input_axis, in_shape, order = _pass_plan(x, axis_for_lps, out_shape)
     v = x.transpose(mem)
-    pos_of_input_axis = {a: mem.index(a) for a in range(3)}
-    in_shape = [x.shape[axis_for_lps[d]] for d in range(3)]
-    # most-shrinking LPS axis first; ties: the outer axis in memory first
-    order = sorted(range(3), key=lambda d: (out_shape[d] / max(in_shape[d], 1),
-                                             pos_of_input_axis[axis_for_lps[d]]))
     for d in order:
         ax = pos_of_input_axis[axis_for_lps[d]]
         n_in, n_out = in_shape[d], out_shape[d]
@@ -104,6 +98,20 @@ def _separable_linear(array: np.ndarray, axis_for_lps: list[int], sign: list[int
     return torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32))[None, None]
 
 
+def _pass_plan(x: np.ndarray, axis_for_lps: list[int], out_shape: tuple[int, ...]
+               ) -> tuple[list[int], dict[int, int], list[int], list[int]]:
+    """How the separable passes run over ``x``: its axes in memory order (outermost first, so
+    that gathers copy contiguous runs), each input axis's position in that order, the input size
+    along each LPS axis, and the LPS axes in pass order (most-shrinking first; ties: the outer
+    axis in memory first)."""
+    mem = sorted(range(3), key=lambda a: -abs(x.strides[a]))
+    pos_of_input_axis = {a: mem.index(a) for a in range(3)}
+    in_shape = [x.shape[axis_for_lps[d]] for d in range(3)]
+    order = sorted(range(3), key=lambda d: (out_shape[d] / max(in_shape[d], 1),
+                                             pos_of_input_axis[axis_for_lps[d]]))
+    return mem, pos_of_input_axis, in_shape, order
+
+
 def to_canonical_on_device(array: np.ndarray, geom: Geometry, canon: Geometry, device: torch.device) -> torch.Tensor:
     """``to_canonical`` computed on ``device`` (a GPU): float32 tensor (1, 1, X, Y, Z) there.
 
@@ -111,20 +119,16 @@ def to_canonical_on_device(array: np.ndarray, geom: Geometry, canon: Geometry, d
     the separable passes are the same float32 operations in the same order as
     ``_separable_linear`` (gather left and right taps, ``hi -= lo; hi *= w; lo += hi``), so the
     values are the same. Oblique inputs use the host path and are then copied up. On the CPU it
-works too, but ``to_canonical`` is faster there.
+    works too, but ``to_canonical`` is faster there.
     """
     perm = signed_permutation(geom.direction)
     if perm is None:
         return to_canonical(array, geom, canon).to(device)
     axis_for_lps, sign = perm
     x = np.asarray(array)
-    mem = sorted(range(3), key=lambda a: -abs(x.strides[a]))
-    pos_of_input_axis = {a: mem.index(a) for a in range(3)}
-    v = torch.from_numpy(np.ascontiguousarray(x.transpose(mem))).to(device, non_blocking=False)
-    in_shape = [x.shape[axis_for_lps[d]] for d in range(3)]
     out_shape = canon.shape
-    order = sorted(range(3), key=lambda d: (out_shape[d] / max(in_shape[d], 1),
-                                             pos_of_input_axis[axis_for_lps[d]]))
+    mem, pos_of_input_axis, in_shape, order = _pass_plan(x, axis_for_lps, out_shape)
+    v = torch.from_numpy(np.ascontiguousarray(x.transpose(mem))).to(device, non_blocking=False)
     for d in order:
         ax = pos_of_input_axis[axis_for_lps[d]]
         n_in, n_out = in_shape[d], out_shape[d]
@@ -267,14 +271,7 @@ def logits_to_labels(logits: torch.Tensor, canon: Geometry, geom: Geometry, slab
     bone, a one-voxel layer of bone appears, and a lesion that touches the canal on the model's
     grid is measured 1-2 voxels away from it. Uniform cells are unaffected.
     """
-    if order not in ("C", "F"):
-        raise ValueError("order must be 'C' or 'F'")
-    labels = np.zeros(geom.shape, np.uint8, order=order)
-    if roi_ijk is None:
-        lo, hi = np.zeros(3, int), np.asarray(geom.shape) - 1
-    else:
-        lo, hi = np.asarray(roi_ijk[0], int), np.asarray(roi_ijk[1], int)
-    sub_shape = tuple(int(v) for v in hi - lo + 1)
+    labels, lo, hi, sub_shape = _label_box(geom, roi_ijk, order)
     if min(sub_shape) <= 0:
         return labels
     sub_origin = geom.index_to_lps(lo[None])[0]
@@ -345,14 +342,7 @@ def sample_labels(logits: torch.Tensor, canon: Geometry, geom: Geometry,
     them, then cast to float32 for ``grid_sample``. Works on the CPU too (tests use it there).
     ``corner_labels``: as in ``logits_to_labels``.
     """
-    if order not in ("C", "F"):
-        raise ValueError("order must be 'C' or 'F'")
-    labels = np.zeros(geom.shape, np.uint8, order=order)
-    if roi_ijk is None:
-        lo, hi = np.zeros(3, int), np.asarray(geom.shape) - 1
-    else:
-        lo, hi = np.asarray(roi_ijk[0], int), np.asarray(roi_ijk[1], int)
-    sub_shape = tuple(int(v) for v in hi - lo + 1)
+    labels, lo, hi, sub_shape = _label_box(geom, roi_ijk, order)
     if min(sub_shape) <= 0:
         return labels
     dev = logits.device
@@ -402,6 +392,19 @@ def sample_labels(logits: torch.Tensor, canon: Geometry, geom: Geometry,
         lab = scores.argmax(dim=0).to(torch.uint8)
         view[s0:s1] = lab.cpu().numpy()
     return labels
+
+
+def _label_box(geom: Geometry, roi_ijk: tuple[np.ndarray, np.ndarray] | None, order: str
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[int, ...]]:
+    """An all-background label map in memory ``order`` and the box to fill: (labels, lo, hi, box shape)."""
+    if order not in ("C", "F"):
+        raise ValueError("order must be 'C' or 'F'")
+    labels = np.zeros(geom.shape, np.uint8, order=order)
+    if roi_ijk is None:
+        lo, hi = np.zeros(3, int), np.asarray(geom.shape) - 1
+    else:
+        lo, hi = np.asarray(roi_ijk[0], int), np.asarray(roi_ijk[1], int)
+    return labels, lo, hi, tuple(int(v) for v in hi - lo + 1)
 
 
 def _keep_corner_labels(scores: torch.Tensor, node_labels: np.ndarray, lower: list[np.ndarray]) -> torch.Tensor:
