@@ -121,7 +121,8 @@ def test_segment_on_device_path_equals_host_path(name):
 
 
 def _reference_corner_labels(logits: torch.Tensor, canon: Geometry, geom: Geometry) -> np.ndarray:
-    """grid_sample every voxel centre, then the arg-max among the labels of its 8 model nodes."""
+    """grid_sample every voxel centre, then the arg-max among the labels of the (up to 8) model
+    nodes around it that carry a trilinear weight."""
     from pipeline.segment.resample import _sample
 
     node = logits[0].argmax(0).numpy()
@@ -132,11 +133,14 @@ def _reference_corner_labels(logits: torch.Tensor, canon: Geometry, geom: Geomet
     norm = 2 * pos / np.maximum(cn - 1, 1) - 1
     grid = torch.from_numpy(np.ascontiguousarray(norm[:, ::-1], dtype=np.float32)).view(1, 1, 1, -1, 3)
     scores = _sample(logits.float(), grid, "bilinear")[0, :, 0, 0].numpy()
-    lower = [np.clip(np.floor(np.clip(pos[:, d], 0, cn[d] - 1)).astype(int), 0, max(cn[d] - 2, 0)) for d in range(3)]
+    clamped = [np.clip(pos[:, d], 0, cn[d] - 1) for d in range(3)]
+    lower = [np.clip(np.floor(clamped[d]).astype(int), 0, max(cn[d] - 2, 0)) for d in range(3)]
     ok = np.zeros((len(pos), scores.shape[0]), bool)
     for corner in np.ndindex(2, 2, 2):
         at = [np.minimum(lower[d] + corner[d], cn[d] - 1) for d in range(3)]
-        ok[np.arange(len(pos)), node[at[0], at[1], at[2]]] = True
+        # only nodes with a trilinear weight (above 1e-6 along every axis) count
+        has = np.all([np.abs(1 - corner[d] - (clamped[d] - lower[d])) > 1e-6 for d in range(3)], axis=0)
+        ok[np.arange(len(pos))[has], node[at[0], at[1], at[2]][has]] = True
     scores[~ok.T] = -np.inf
     out = np.zeros(geom.shape, np.uint8)
     out[tuple(ijk.T)] = scores.argmax(0)

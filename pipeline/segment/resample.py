@@ -324,7 +324,8 @@ def logits_to_labels(logits: torch.Tensor, canon: Geometry, geom: Geometry, slab
         scores = _sample(src, grid, "bilinear")[0, :, 0, 0]  # (C, n)
         if node_labels is not None:
             lower = [_cell_index(pos[:, d], cn[d], c_lo[d], ncell[d]) for d in range(3)]
-            scores = _keep_corner_labels(scores, node_labels, lower)
+            frac = [np.clip(pos[:, d], 0, cn[d] - 1) - (lower[d] + c_lo[d]) for d in range(3)]
+            scores = _keep_corner_labels(scores, node_labels, lower, frac)
         flat_out[flat] = scores.argmax(dim=0).to(torch.uint8).numpy()
     labels[lo[0]:hi[0] + 1, lo[1]:hi[1] + 1, lo[2]:hi[2] + 1] = out
     return labels
@@ -382,8 +383,9 @@ def sample_labels(logits: torch.Tensor, canon: Geometry, geom: Geometry,
                 pos = (b_idx[c, layout[0]] * first)[:, None, None] + ((b_idx[c, layout[1]] * idx[1])[:, None]
                                                                       + (b_idx[c, layout[2]] * idx[2])[None, :]
                                                                       + a_idx[c])[None]
-                lo_c = torch.floor(pos.clamp(0, cn[c] - 1)).long().clamp_(0, max(cn[c] - 2, 0))
-                lower.append((lo_c, (lo_c + 1).clamp_(max=cn[c] - 1)))
+                clamped = pos.clamp(0, cn[c] - 1)
+                lo_c = torch.floor(clamped).long().clamp_(0, max(cn[c] - 2, 0))
+                lower.append(_node_pair(lo_c, clamped - lo_c, cn[c], xp=torch))
             for i in lower[0]:
                 for j in lower[1]:
                     for k in lower[2]:
@@ -407,14 +409,32 @@ def _label_box(geom: Geometry, roi_ijk: tuple[np.ndarray, np.ndarray] | None, or
     return labels, lo, hi, tuple(int(v) for v in hi - lo + 1)
 
 
-def _keep_corner_labels(scores: torch.Tensor, node_labels: np.ndarray, lower: list[np.ndarray]) -> torch.Tensor:
-    """``scores`` (C, n) with every class that none of the 8 nodes around each sample has set to
-    -inf. ``node_labels``: arg-max labels of the model-grid nodes (crop); ``lower``: per axis the
-    crop index of each sample's lower node (its upper node is the next one, clamped)."""
+NODE_WEIGHT_EPS = 1e-6  # a node whose trilinear weight along an axis is below this does not count
+
+
+def _node_pair(lower, frac, n: int, xp=np):
+    """The nodes along one axis that carry weight for a sample: (first, second) index arrays.
+
+    ``lower`` is the sample's lower node, ``frac`` its position above it (0..1). A node whose
+    weight is below ``NODE_WEIGHT_EPS`` is replaced by the other one, so that a sample lying on a
+    node (up to rounding) only sees that node, whichever side rounding put it on: the result
+    does not depend on the storage orientation."""
+    upper = (lower + 1).clip(max=n - 1)
+    first = xp.where(1.0 - frac > NODE_WEIGHT_EPS, lower, upper)
+    second = xp.where(frac > NODE_WEIGHT_EPS, upper, lower)
+    return first, second
+
+
+def _keep_corner_labels(scores: torch.Tensor, node_labels: np.ndarray, lower: list[np.ndarray],
+                        frac: list[np.ndarray]) -> torch.Tensor:
+    """``scores`` (C, n) with every class that none of the (up to 8) nodes around each sample with
+    a trilinear weight has set to -inf. ``node_labels``: arg-max labels of the model-grid nodes
+    (crop); ``lower``: per axis the crop index of each sample's lower node; ``frac``: the
+    sample's position above it."""
     n_c = scores.shape[0]
     allowed = np.zeros((len(lower[0]), n_c), bool)
     rows = np.arange(len(lower[0]))
-    pairs = [(lo, np.minimum(lo + 1, node_labels.shape[d] - 1)) for d, lo in enumerate(lower)]
+    pairs = [_node_pair(lo, f, node_labels.shape[d]) for d, (lo, f) in enumerate(zip(lower, frac))]
     for a in pairs[0]:
         for b in pairs[1]:
             for c in pairs[2]:
