@@ -118,3 +118,14 @@ def test_fast_seg_dciodvfy_clean(tmp_path, kind):
     assert "osteoplan_frame_sources" in ds.__dict__
     errors, _ = rh.dciodvfy(path)
     assert errors == []
+
+
+def test_a_surprise_in_the_fast_path_falls_back_to_highdicom(tmp_path, monkeypatch):
+    case = rh.dicom_case(tmp_path, "HFS", shape=(24, 20, 6))
+
+    def broken(*args, **kwargs):
+        raise KeyError("an unexpected template")
+
+    monkeypatch.setattr(seg_frames, "replace_frames", broken)
+    ds = build_seg(case.volume, case.seg)
+    assert "osteoplan_frame_sources" not in ds.__dict__ and int(ds.NumberOfFrames) > 0

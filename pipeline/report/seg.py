@@ -317,6 +317,9 @@ def build_seg(volume: Volume, seg: Segmentation, headers: list[pydicom.Dataset] 
             return _build_seg_fast(frames, seg, headers, n_segments)
         except seg_frames.NotApplicable as exc:
             log.info("SEG frames built by highdicom: %s", exc)
+        except Exception as exc:  # noqa: BLE001 - any surprise: highdicom builds every frame, as before
+            log.warning("direct SEG frame encoding failed (%s: %s); highdicom builds the frames",
+                        type(exc).__name__, exc)
     pixels = label_frames(labels) if by_index else _as_hd_volume(labels, seg.geometry)
     return _hd_segmentation(pixels, seg, headers, n_segments, omit_empty_frames=bool(labels.any()))
 
