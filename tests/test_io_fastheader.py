@@ -25,7 +25,7 @@ from pydicom.sequence import Sequence
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian
 
 from pipeline.io import fastheader
-from pipeline.io.discover import _Skip, _sniff, _wanted_tags, list_files, read_header, scan_files
+from pipeline.io.discover import _WANTED_TAGS, _Skip, _sniff, list_files, read_header, scan_files
 from pipeline.io.fastheader import _META_VR, HEAD_BYTES, LONG_VR, STANDARD_VR, Fallback, read_raw_header
 
 from io_helpers import REAL, geometry, random_hu, rotation, write_ct_series, write_enhanced_ct
@@ -58,7 +58,7 @@ def fast_reason(path: Path) -> str | None:
     data = path.read_bytes()
     with open(path, "rb") as fh:
         try:
-            read_raw_header(fh, data[:HEAD_BYTES], len(data), _wanted_tags())
+            read_raw_header(fh, data[:HEAD_BYTES], len(data), _WANTED_TAGS)
         except Fallback as exc:
             return str(exc)
     return None

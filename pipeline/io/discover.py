@@ -36,7 +36,6 @@ import struct
 import warnings
 from collections import Counter, deque
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 from typing import Any, BinaryIO, Iterable, Iterator
 
@@ -287,9 +286,9 @@ def _read_fast(fh: BinaryIO, head: bytes, size: int) -> _Parsed | None:
     loader reads (functional groups, DICOMDIR records) go to pydicom.
     """
     try:
-        raw = read_raw_header(fh, head, size, _wanted_tags())
+        raw = read_raw_header(fh, head, size, _WANTED_TAGS)
         view = _RawView(raw.elements)
-        if any(tag in raw.elements for tag in _sequence_tags()) or (_int(view, "NumberOfFrames") or 1) > 1:
+        if any(tag in raw.elements for tag in _SEQUENCE_TAGS) or (_int(view, "NumberOfFrames") or 1) > 1:
             return None
     except Fallback as exc:
         log.debug("header read by pydicom: %s", exc)
@@ -441,7 +440,6 @@ def _geometry(ds: Any, src: Any) -> dict[str, Any] | None:
 _STRUCT = {"US": "H", "SS": "h", "UL": "I", "SL": "i", "FL": "f", "FD": "d"}
 
 
-@lru_cache(maxsize=1)
 def _tag_table() -> dict[str, tuple[int, str]]:
     """HEADER_TAGS keyword -> (tag, dictionary VR)."""
     out = {}
@@ -453,16 +451,8 @@ def _tag_table() -> dict[str, tuple[int, str]]:
 
 
 _TAG_TABLE = _tag_table()
-
-
-@lru_cache(maxsize=1)
-def _wanted_tags() -> frozenset[int]:
-    return frozenset(tag for tag, _ in _tag_table().values())
-
-
-@lru_cache(maxsize=1)
-def _sequence_tags() -> tuple[int, ...]:
-    return tuple(tag for tag, vr in _tag_table().values() if vr == "SQ")
+_WANTED_TAGS = frozenset(tag for tag, _ in _TAG_TABLE.values())  # what the fast reader keeps
+_SEQUENCE_TAGS = tuple(tag for tag, vr in _TAG_TABLE.values() if vr == "SQ")  # files holding one go to pydicom
 
 
 class _Header:
@@ -477,7 +467,7 @@ class _Header:
         self.ds = ds
 
     def get(self, keyword: str, default: Any = None) -> Any:
-        spec = _tag_table().get(keyword)
+        spec = _TAG_TABLE.get(keyword)
         if spec is None:
             return self.ds.get(keyword, default)
         tag, vr = spec
