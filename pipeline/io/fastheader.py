@@ -180,8 +180,7 @@ def _check_first_element(src: _Window, pos: int, implicit: bool) -> None:
     if pos + 6 > src.size:
         raise Fallback("no data set after the file meta")
     data, off = src.at(pos, 6)
-    looks_explicit = 0x40 < data[off + 4] < 0x5B and 0x40 < data[off + 5] < 0x5B
-    if looks_explicit == implicit:
+    if _vr_looks_explicit(data, off) == implicit:
         raise Fallback("the data set's VR encoding contradicts the transfer syntax")
     if data[off] == 0 and data[off + 1] == 0:
         raise Fallback("a command group (0000)")
@@ -339,7 +338,13 @@ def _looks_implicit(src: _Window, pos: int) -> bool:
     if pos + 6 > src.size:
         return False
     data, off = src.at(pos, 6)
-    return not (0x40 < data[off + 4] < 0x5B and 0x40 < data[off + 5] < 0x5B)
+    return not _vr_looks_explicit(data, off)
+
+
+def _vr_looks_explicit(data: bytes, off: int) -> bool:
+    """The bytes where an explicit VR would be (element at ``off``) are two capital letters: pydicom's
+    test of an element's VR encoding (``filereader._is_implicit_vr``)."""
+    return 0x40 < data[off + 4] < 0x5B and 0x40 < data[off + 5] < 0x5B
 
 
 def _walk_item(src: _Window, pos: int, end: int, implicit: bool, depth: int) -> int:
