@@ -206,7 +206,7 @@ def _read_native(fd: int, slices: list[SliceHeader], ks: list[int], buf: np.ndar
         if buf.dtype == np.int16:
             _hu_inplace(raw, s, k, overflow)
         else:
-            buf[k] = raw.astype(np.float64) * s.slope + s.intercept
+            _store_hu(raw, s, buf, k, overflow)  # float32 stack: the plain conversion
 
 
 def _fix_bits_inplace(raw: np.ndarray, s: SliceHeader) -> None:
