@@ -91,15 +91,23 @@ def test_every_bits_and_rescale_combination(tmp_path, ts):
         assert_same([s])
 
 
-def test_mixed_stack_with_one_slice_out_of_int16(tmp_path):
+def _unsigned_stack(tmp_path, prefix: str, n: int, seed: int, big_slice: int, big_at: tuple[int, int],
+                    big_value: int) -> list:
+    """``n`` unsigned 16-bit 7x9 slices (intercept -1024) in explicit VR; slice ``big_slice`` holds
+    ``big_value`` at ``big_at``, which takes its HU out of int16."""
     template = _template(tmp_path, "explicit")
-    rng = np.random.default_rng(1)
+    rng = np.random.default_rng(seed)
     slices = []
-    for k in range(4):
+    for k in range(n):
         stored = rng.integers(0, 4095, size=(7, 9)).astype(np.uint16)
-        if k == 2:
-            stored[0, 0] = 65535  # this slice's HU exceed int16
-        slices.append(_write(template, tmp_path / f"m{k}.dcm", stored, 16, False, 1, -1024))
+        if k == big_slice:
+            stored[big_at] = big_value
+        slices.append(_write(template, tmp_path / f"{prefix}{k}.dcm", stored, 16, False, 1, -1024))
+    return slices
+
+
+def test_mixed_stack_with_one_slice_out_of_int16(tmp_path):
+    slices = _unsigned_stack(tmp_path, "m", 4, seed=1, big_slice=2, big_at=(0, 0), big_value=65535)
     assert_same(slices)
     assert decode_stack(slices).buf.dtype == np.float32
 
@@ -132,14 +140,7 @@ def test_truncated_after_the_header_pass_fails_cleanly(tmp_path):
 
 def test_many_files_read_by_threads_in_file_order(tmp_path):
     # enough files for the threaded path; one slice out of int16, one file gone
-    template = _template(tmp_path, "explicit")
-    rng = np.random.default_rng(4)
-    slices = []
-    for k in range(13):
-        stored = rng.integers(0, 4095, size=(7, 9)).astype(np.uint16)
-        if k == 5:
-            stored[3, 3] = 65000
-        slices.append(_write(template, tmp_path / f"n{k}.dcm", stored, 16, False, 1, -1024))
+    slices = _unsigned_stack(tmp_path, "n", 13, seed=4, big_slice=5, big_at=(3, 3), big_value=65000)
     assert_same(slices)
     slices[8].path.unlink()
     got = decode_stack(slices)
