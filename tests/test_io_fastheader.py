@@ -521,22 +521,31 @@ def test_every_truncation_reads_the_same(tmp_path, ts):
     assert "truncated files" in skipped
 
 
+def _mutants_read_the_same(data: bytes, out: Path, rng: random.Random, rounds: int, counts: tuple[int, ...],
+                           position, values: tuple[int, ...]) -> int:
+    """``rounds`` mutants of ``data``, each with ``rng.choice(counts)`` bytes set at ``position()``
+    to one of ``values``, a random byte or a bit flip; each must read the same with both readers.
+    Returns how many the fast reader handled itself."""
+    handled = 0
+    for _ in range(rounds):
+        buf = bytearray(data)
+        for _ in range(rng.choice(counts)):
+            at = position()
+            buf[at] = rng.choice((*values, rng.randrange(256), buf[at] ^ (1 << rng.randrange(8))))
+        out.write_bytes(bytes(buf))
+        assert_same(out)
+        handled += fast_reason(out) is None
+    return handled
+
+
 @pytest.mark.parametrize("ts", ["explicit", "implicit"])
 def test_mutated_headers_read_the_same(tmp_path, ts):
     path = _one_file(tmp_path, ts)
     data = path.read_bytes()
     (s,) = read_header(path)
     rng = random.Random(7)
-    out = tmp_path / "mutated.dcm"
-    handled = 0
-    for _ in range(300):
-        buf = bytearray(data)
-        for _ in range(rng.choice((1, 1, 2, 4))):
-            at = rng.randrange(128, s.pixel_offset)
-            buf[at] = rng.choice((0, 0xFF, 0x20, 0x5C, rng.randrange(256), buf[at] ^ (1 << rng.randrange(8))))
-        out.write_bytes(bytes(buf))
-        assert_same(out)
-        handled += fast_reason(out) is None
+    handled = _mutants_read_the_same(data, tmp_path / "mutated.dcm", rng, 300, (1, 1, 2, 4),
+                                     lambda: rng.randrange(128, s.pixel_offset), (0, 0xFF, 0x20, 0x5C))
     assert handled > 50, "the mutations should leave many files to the fast reader"
 
 
@@ -569,16 +578,10 @@ def test_mutations_inside_sequences_read_the_same(tmp_path, ts):
     marks = [i for i in range(start, pixels) if data[i:i + 2] == b"\xfe\xff"]
     assert len(marks) > 40
     rng = random.Random(11)
-    out = tmp_path / "mutated.dcm"
-    handled = 0
-    for _ in range(400):
-        buf = bytearray(data)
-        for _ in range(rng.choice((1, 1, 2, 3))):
-            at = rng.choice(marks) + rng.randrange(8) if rng.random() < 0.5 else rng.randrange(start, pixels)
-            buf[at] = rng.choice((0, 0xFF, 0xFE, 0xE0, 0xDD, 0x0D, rng.randrange(256), buf[at] ^ (1 << rng.randrange(8))))
-        out.write_bytes(bytes(buf))
-        assert_same(out)
-        handled += fast_reason(out) is None
+    handled = _mutants_read_the_same(
+        data, tmp_path / "mutated.dcm", rng, 400, (1, 1, 2, 3),
+        lambda: rng.choice(marks) + rng.randrange(8) if rng.random() < 0.5 else rng.randrange(start, pixels),
+        (0, 0xFF, 0xFE, 0xE0, 0xDD, 0x0D))
     assert handled > 50, "the mutations should leave many files to the fast reader"
 
 
