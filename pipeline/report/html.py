@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.report import codes
+from pipeline.report.background import usable_cpus as _usable_cpus
 from pipeline.report.keyimages import LINE_RGB, key_image
 from pipeline.types import BONE, CANAL, LESION, Segmentation, Volume
 
@@ -74,13 +75,6 @@ def write_html(outdir: Path, volume: Volume, seg: Segmentation, report: dict[str
     tmp.write_text(render_html(report, images, seg.label_meta), encoding="utf-8")
     os.replace(tmp, page)
     return page
-
-
-def _usable_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 def _e(value: Any) -> str:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import threading
 from pathlib import Path
 
 import highdicom as hd
@@ -28,6 +27,7 @@ from pydicom.sr.codedict import codes as dcm_codes
 from pipeline import __version__
 from pipeline.errors import InputError
 from pipeline.report import codes, seg_frames
+from pipeline.report.background import BackgroundCall
 from pipeline.types import Geometry, Segmentation, Volume
 
 log = logging.getLogger("osteoplan.report.seg")
@@ -154,28 +154,17 @@ class SourcePrefetch:
         self.volume = volume
         self.files = list(volume.dicom.files)
         self.geometry = volume.geometry
-        self._headers: SourceHeaders | None = None
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._read, name="osteoplan-seg-sources", daemon=True)
-        self._thread.start()
-
-    def _read(self) -> None:
-        try:
-            self._headers = read_source_headers(self.volume)
-        except BaseException as exc:  # noqa: BLE001 - handed to the caller of result()
-            self._error = exc
+        self._call = BackgroundCall(read_source_headers, volume, name="osteoplan-seg-sources")
+        self._call.start()
 
     def result(self, volume: Volume) -> SourceHeaders:
         """The headers of ``volume``'s source images (as ``read_source_headers``); waits if needed."""
-        self._thread.join()
+        self._call.join()
         unchanged = (volume is self.volume and volume.dicom is not None and list(volume.dicom.files) == self.files
                      and _identical_grid(volume.geometry, self.geometry))
         if not unchanged:
             return read_source_headers(volume)
-        if self._error is not None:
-            raise self._error
-        assert self._headers is not None
-        return self._headers
+        return self._call.result()
 
 
 def aligned_to_grid(headers: list[pydicom.Dataset], geom: Geometry) -> bool:

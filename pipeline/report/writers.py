@@ -8,23 +8,23 @@ source, or when de-identifying) is skipped with a line in ``report["warnings"]``
 one of the derived DICOM/HTML writers is logged with its traceback and reported as a warning;
 the other outputs are still written.
 
-The SEG's source headers can be read ahead (``start_source_prefetch``, while the model runs);
-the writers themselves run one after the other: HTML/NIfTI in a thread beside the SEG was
-measured slower on 2 cores (their GIL-free parts are short, the SEG holds the GIL).
+The SEG's source headers can be read ahead (``start_source_prefetch``, while the model runs).
+With ``PARALLEL_NIFTI_MIN_CPUS`` usable CPUs or more the NIfTI is compressed in a thread beside
+the SEG and SR; otherwise, and for the other writers, they run one after the other (HTML/NIfTI
+in a thread beside the SEG was measured slower on 2 cores: the SEG holds the GIL).
 """
 
 from __future__ import annotations
 
 import gc
 import logging
-import os
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from pipeline.report import csv_out
+from pipeline.report.background import BackgroundCall, usable_cpus
 from pipeline.types import CanalSummary, Lesion, Recommendation, Segmentation, Volume
 
 if TYPE_CHECKING:
@@ -96,8 +96,8 @@ def _write_all(outdir: Path, volume: Volume, seg: Segmentation, lesions: list[Le
 
     nifti = None
     if "nifti" in fmts:
-        nifti = _Background(_write_nifti, seg, outdir, timer)
-        if (os.cpu_count() or 1) >= PARALLEL_NIFTI_MIN_CPUS:
+        nifti = BackgroundCall(_write_nifti, seg, outdir, timer)
+        if usable_cpus() >= PARALLEL_NIFTI_MIN_CPUS:
             nifti.start()
         else:
             nifti.run()
@@ -149,28 +149,6 @@ def _write_nifti(seg: Segmentation, outdir: Path, timer: _Timer) -> None:
 
     with timer.stage("write_nifti"):
         write_label_nifti(seg.labels, seg.geometry, outdir / "segmentation.nii.gz")
-
-
-class _Background(threading.Thread):
-    """``fn(*args)`` run in a thread (``start``) or in place (``run``); ``result`` re-raises its error."""
-
-    def __init__(self, fn: Any, *args: Any) -> None:
-        super().__init__(name="osteoplan-writer", daemon=True)
-        self._call = (fn, args)
-        self._error: BaseException | None = None
-
-    def run(self) -> None:
-        fn, args = self._call
-        try:
-            fn(*args)
-        except BaseException as exc:  # noqa: BLE001 - re-raised in result()
-            self._error = exc
-
-    def result(self) -> None:
-        if self.ident is not None:
-            self.join()
-        if self._error is not None:
-            raise self._error
 
 
 def start_source_prefetch(volume: Volume, formats: tuple[str, ...], deidentify: bool) -> SourcePrefetch | None:
