@@ -360,10 +360,7 @@ class _Anatomy:
         tissue[vbody] = T_TRAB
         tissue[vbody & ((rho_b > 1 - cortex_n) | endplate)] = T_CORTEX
         # posterior arch: ring around the canal, posterior/lateral half, middle of the level
-        if p.canal_shape == "ellipse":
-            rho_c = np.sqrt((u / rcx) ** 2 + (v / rcy) ** 2)
-        else:
-            rho_c = canal_rho(u, v, (rcx, rcy), p.canal_shape, p.canal_shape_k)
+        rho_c = canal_rho(u, v, (rcx, rcy), p.canal_shape, p.canal_shape_k)
         mid = in_vert & (frac > 0.15) & (frac < 0.85)
         arch = mid & (rho_c > 1.0) & (rho_c <= 1.0 + p.arch_mm / min(rcx, rcy)) & (v > -0.35 * rcy)
         spin = (in_vert & (frac > 0.2) & (frac < 0.8) & (np.abs(u) <= 2.5 + 0.08 * (v - rcy))
