@@ -65,17 +65,12 @@ def cache_case(seg, case, cache: Path, fast: bool) -> dict:
 
 def combine(cache: Path, name: str, mirrors: tuple[str, ...], mode: str, offsets: dict[int, float],
             fast: bool) -> torch.Tensor:
-    acc = None
-    for m in mirrors:
-        y = torch.from_numpy(np.load(cache / name / f"{m}{'_fast' if fast else ''}.npy").astype(np.float32))[None]
-        y = y if mode == "logits" else torch.softmax(y, dim=1)
-        acc = y if acc is None else acc + y
-    acc /= len(mirrors)
-    if mode == "softmax":
-        acc = torch.log(acc.clamp_min(1e-12))
-    from pipeline.segment.tta import add_class_offsets
+    """The cached outputs of ``mirrors`` combined as the pipeline combines them (``tta.average_outputs``)."""
+    from pipeline.segment.tta import add_class_offsets, average_outputs
 
-    return add_class_offsets(acc, offsets)
+    outputs = (torch.from_numpy(np.load(cache / name / f"{m}{'_fast' if fast else ''}.npy").astype(np.float32))[None]
+               for m in mirrors)
+    return add_class_offsets(average_outputs(outputs, mode), offsets)
 
 
 def grow_lesions(logits: torch.Tensor, min_prob: float, lesion: int = 2, into=None) -> int:

@@ -18,6 +18,7 @@ lesion components, the exact voxel-grid distances) is unchanged.
 
 from __future__ import annotations
 
+import itertools
 from typing import Callable, Iterable, Sequence
 
 import torch
@@ -53,12 +54,23 @@ def mirrored_logits(predict: Callable[[torch.Tensor], torch.Tensor], x: torch.Te
     out = predict(x)
     if not dims:
         return out
-    acc = out.float() if combine == "logits" else torch.softmax(out.float(), dim=1)
-    for d in dims:
-        y = torch.flip(predict(torch.flip(x, dims=d)), dims=d).float()
-        acc += y if combine == "logits" else torch.softmax(y, dim=1)
-        del y
-    acc /= len(dims) + 1
+    mirrored = (torch.flip(predict(torch.flip(x, dims=d)), dims=d) for d in dims)  # one pass at a time
+    return average_outputs(itertools.chain([out], mirrored), combine)
+
+
+def average_outputs(outputs: Iterable[torch.Tensor], combine: str = "logits") -> torch.Tensor:
+    """The mean of (N, C, ...) network outputs, accumulated one at a time: of the logits
+    (``combine='logits'``), or the log of the mean class probabilities (``'softmax'``)."""
+    if combine not in COMBINE:
+        raise ValueError(f"combine must be one of {COMBINE}, not {combine!r}")
+    acc, n = None, 0
+    for y in outputs:
+        y = y.float() if combine == "logits" else torch.softmax(y.float(), dim=1)
+        acc = y if acc is None else acc.add_(y)
+        n += 1
+    if acc is None:
+        raise ValueError("no outputs to average")
+    acc /= n
     if combine == "softmax":
         acc = torch.log(acc.clamp_min_(1e-12))
     return acc
