@@ -162,7 +162,7 @@ def replace_frames(template: hd.seg.Segmentation, headers: list[pydicom.Dataset]
         raise NotApplicable("source images of several SOP classes")
     if int(template.NumberOfFrames) != 1:
         raise NotApplicable("the template SEG does not have exactly one frame")
-    plan, present = plan_frames(frames, n_segments, slice_sort_index(headers))
+    plan, _ = plan_frames(frames, n_segments, slice_sort_index(headers))
     if plan.segments.size == 0:
         raise NotApplicable("empty label map")
     positions = hd.utils.get_plane_positions_of_series(headers)
