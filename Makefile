@@ -40,10 +40,11 @@ train: venv
 	$(BIN)/osteoplan train --config configs/train.yaml
 	$(BIN)/osteoplan train --config configs/train_real.yaml
 
-## Stage 3 on a CUDA GPU (fine-tunes stage 2's run; see configs/train_gpu.yaml): the shipped weights.
-## Weights, checkpoints, TensorBoard logs and history go to WORKDIR (default: the config's runs/osteoplan-spine-gpu).
+## Stages 3 and 4 on a CUDA GPU (configs/train_gpu.yaml fine-tunes stage 2's run, configs/train_gpu_ft.yaml
+## fine-tunes stage 3's and exports the shipped WiSE-FT mix). Runs, checkpoints and TensorBoard logs: runs/.
 train-gpu: venv
-	$(BIN)/osteoplan train --config configs/train_gpu.yaml --no-resume $(if $(WORKDIR),--workdir $(WORKDIR))
+	$(BIN)/osteoplan train --config configs/train_gpu.yaml --no-resume
+	$(BIN)/osteoplan train --config configs/train_gpu_ft.yaml --no-resume
 
 evaluate: venv
 	$(BIN)/python scripts/evaluate_real.py

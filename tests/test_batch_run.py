@@ -141,6 +141,18 @@ def test_shards_write_their_own_manifests_and_together_cover_everything(tmp_path
         assert len(list(csv.DictReader(fh))) == 10
 
 
+def test_a_shard_that_owns_no_study_leaves_an_empty_manifest(tmp_path):
+    from pipeline.batch.shard import Shard, shard_of
+
+    root, out = tmp_path / "in", tmp_path / "out"
+    uid, _ = make_study(root / "s0", 0, n_slices=2)
+    empty = next(k for k in (1, 2) if k != shard_of(uid, 2))
+    r = run_batch(root, out, StudyOptions(), _opts(shard=Shard(empty, 2)))
+    assert (r.selected, r.ok, r.failed) == (0, 0, 0)
+    assert (out / f"manifest.shard-{empty}-of-2.jsonl").read_text() == ""
+    assert read_manifest(out) == []
+
+
 def test_worker_processes_share_the_work_and_survive_a_dying_worker(tmp_path):
     root, out = tmp_path / "in", tmp_path / "out"
     good = _good_root(root, 5)

@@ -129,10 +129,6 @@ def test_foreign_acceptance_small_set(foreign_set, tmp_path, shipped_model):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="model 0.2.0 measures this phantom's mixed lesion that touches the canal at "
-                   "2.4 mm (1.2 voxels, within tolerance) so the primary is cementoplasty (borderline) instead of "
-                   "refer; model 0.1.0 passed this case but failed most of the foreign set (MODEL_CARD.md, issue 2); "
-                   "strict: remove when it passes")
 def test_own_generator_end_to_end(tmp_path, shipped_model):
     """One phantom of the project's own generator: lesions found, distances, recommendations."""
     from pipeline.cli import main

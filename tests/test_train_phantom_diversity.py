@@ -200,23 +200,28 @@ def test_real_insert_options_off_keep_the_cases_and_on_make_small_low_contrast_l
     assert low and all(d <= 80.0 + 1e-6 for d in low)
 
 
-def test_fine_tune_config_starts_from_the_shipped_weights_and_exports_elsewhere():
+def test_fine_tune_config_is_the_shipped_stage_4_from_stage_3():
+    import json
+
     import torch
 
-    from pipeline.train.trainer import REPO_ROOT, load_train_config
+    from pipeline.train.trainer import REPO_ROOT, _state_sha256, load_train_config
 
     cfg = load_train_config("configs/train_gpu_ft.yaml")
-    assert cfg.export_name != "osteoplan-spine" and cfg.version == "0.3.0" and cfg.time_limit_s
-    assert cfg.workdir != "runs/osteoplan-spine-gpu"
+    shipped = json.loads((REPO_ROOT / "models/osteoplan-spine/metadata.json").read_text())
+    assert cfg.export_name == "osteoplan-spine" and cfg.version == shipped["version"] == "0.3.0"
+    assert cfg.time_limit_s and cfg.workdir != "runs/osteoplan-spine-gpu"
     assert not cfg.data.phantom.diversity.is_off()
-    shipped = load_train_config("configs/train_gpu.yaml")
-    assert cfg.network == shipped.network and cfg.intensity == shipped.intensity  # same bundle contract
+    stage3 = load_train_config("configs/train_gpu.yaml")
+    assert cfg.init_from == f"{stage3.workdir}/checkpoint.pt"  # stage 3's run
+    assert cfg.network == stage3.network and cfg.intensity == stage3.intensity  # same bundle contract
+    t = shipped["training"]
+    assert t["init_weight_share"] == cfg.init_weight_share == 0.5 and t["init_from"] == cfg.init_from
     ckpt = REPO_ROOT / cfg.init_from
     if not ckpt.is_file():
         pytest.skip(f"{cfg.init_from} is not in this checkout (runs/ is not versioned)")
-    a = torch.load(ckpt, map_location="cpu", weights_only=False)["model"]
-    b = torch.load(REPO_ROOT / "models/osteoplan-spine/model.pt", map_location="cpu", weights_only=False)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # the shipped mix was made from exactly these start weights
+    assert _state_sha256(torch.load(ckpt, map_location="cpu", weights_only=False)["model"]) == t["init_weights_sha256"]
 
 
 def test_fine_tune_config_smoke_trains_and_exports(tmp_path, monkeypatch):
@@ -243,8 +248,17 @@ def test_fine_tune_config_smoke_trains_and_exports(tmp_path, monkeypatch):
     p.write_text(yaml.safe_dump(cfg))
     monkeypatch.setattr(export, "MODELS_DIR", tmp_path / "models")
     bundle = train_from_config(p, resume=False)
-    assert bundle == tmp_path / "models" / "osteoplan-spine-ft"
+    assert bundle == tmp_path / "models" / "osteoplan-spine"
     md = json.loads((bundle / "metadata.json").read_text())
     assert md["version"] == "0.3.0" and md["training"]["steps"] == 3
     assert md["training"]["data"]["phantom"]["diversity"]["canal_shapes"] == ["triangle", "trefoil"]
-    assert load_bundle(bundle).metadata["name"] == "osteoplan-spine-ft"
+    assert load_bundle(bundle).metadata["name"] == "osteoplan-spine"
+    # the export is the WiSE-FT mix of the start weights and the trained ones (kept as trained.pt)
+    start = torch.load(REPO_ROOT / "models/osteoplan-spine/model.pt", map_location="cpu", weights_only=False)
+    trained = torch.load(tmp_path / "work" / "trained.pt", map_location="cpu", weights_only=False)
+    shipped = torch.load(bundle / "model.pt", map_location="cpu", weights_only=False)
+    moved = [k for k in start if start[k].is_floating_point() and not torch.equal(start[k], trained[k])]
+    assert moved  # three steps changed the weights
+    for k in moved:
+        torch.testing.assert_close(shipped[k], 0.5 * start[k] + 0.5 * trained[k])
+    assert md["training"]["init_weight_share"] == 0.5

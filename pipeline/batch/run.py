@@ -96,6 +96,7 @@ def run_batch(root: Path, out: Path, options: StudyOptions, batch: BatchOptions 
                              prefetch=batch.prefetch, runner_factory=batch.runner_factory, loader=batch.loader)
     assert result.manifest is not None
     manifest = result.manifest
+    manifest.touch()  # even a shard that owns no study leaves its (empty) manifest: it ran
 
     progress = make_progress(len(tasks), skipped, batch.quiet)
 

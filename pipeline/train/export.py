@@ -33,7 +33,7 @@ def default_label_meta() -> dict[str, Any]:
 
 
 def export_bundle(cfg, state_dict: dict, history: list[dict], workdir: Path, elapsed_s: float, device: str,
-                  models_dir: Path | None = None) -> Path:
+                  models_dir: Path | None = None, extra_training: dict[str, Any] | None = None) -> Path:
     out = (models_dir or MODELS_DIR) / cfg.export_name
     out.mkdir(parents=True, exist_ok=True)
     weights = out / "model.pt"
@@ -72,6 +72,7 @@ def export_bundle(cfg, state_dict: dict, history: list[dict], workdir: Path, ela
             "wall_time_s": round(elapsed_s, 1),
             "date": dt.date.today().isoformat(),
             "commit": _git_commit(),
+            **(extra_training or {}),
         },
         "metrics": {"validation_phantom_dice": last.get("dice", {}), "history": history[-10:]},
     }

@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from pipeline.config import REPO_ROOT, read_yaml
 from pipeline.errors import InputError
@@ -124,7 +124,16 @@ class TrainConfig(BaseModel):
     amp: bool = True
     init_from: str | None = Field(None, description="start from these weights: a bundle folder, a state dict "
                                   "(.pt) or a run's checkpoint.pt (fine-tuning); relative to the repo")
+    init_weight_share: float = Field(0.0, ge=0.0, lt=1.0, description="export init_weight_share x init_from's "
+                                     "weights + (1 - init_weight_share) x the trained weights (WiSE-FT weight-space "
+                                     "ensembling, pipeline.train.wise); 0 exports the trained weights; needs init_from")
     data: DataConfig = DataConfig()
+
+    @model_validator(mode="after")
+    def _share_needs_init(self) -> "TrainConfig":
+        if self.init_weight_share > 0.0 and not self.init_from:
+            raise ValueError("init_weight_share > 0 needs init_from (the weights to interpolate with)")
+        return self
 
 
 def load_train_config(path: Path) -> TrainConfig:
@@ -132,6 +141,11 @@ def load_train_config(path: Path) -> TrainConfig:
         return TrainConfig.model_validate(read_yaml(Path(path)))
     except InputError:
         raise
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(x) for x in err.get("loc", ())) or "config"
+        more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+        raise InputError(f"invalid training config {path}: {where}: {err.get('msg', exc)}{more}") from None
     except Exception as exc:
         raise InputError(f"invalid training config {path}: {str(exc).splitlines()[0]}") from None
 
@@ -249,7 +263,36 @@ def export_checkpoint(config_path: Path, workdir: Path | None = None, export_nam
     state = torch.load(ckpt, map_location="cpu", weights_only=False)
     hist = state.get("history", [])
     hist = hist + [{"step": state["step"], "dice": hist[-1]["dice"] if hist else {}, "note": "exported checkpoint"}]
-    return export_bundle(cfg, state["model"], hist, work, elapsed_s=0.0, device="checkpoint")
+    init = _initial_weights(cfg.init_from) if cfg.init_weight_share > 0 else None
+    weights, extra = _export_weights(cfg, state["model"], init)
+    return export_bundle(cfg, weights, hist, work, elapsed_s=0.0, device="checkpoint", extra_training=extra)
+
+
+def _export_weights(cfg: TrainConfig, trained: dict, init: dict | None) -> tuple[dict, dict[str, Any]]:
+    """The weights a bundle ships: the trained ones, or their WiSE-FT mix with ``init`` (``init_weight_share``).
+
+    Returns them with what the bundle's metadata records about the mix (the trained weights'
+    sha256 among it, so the unmixed weights stay identifiable).
+    """
+    if cfg.init_weight_share <= 0 or init is None:
+        return trained, {}
+    from pipeline.train.wise import interpolate_weights
+
+    mixed = interpolate_weights(trained, init, cfg.init_weight_share)
+    return mixed, {"init_weight_share": cfg.init_weight_share, "trained_weights_sha256": _state_sha256(trained),
+                   "init_weights_sha256": _state_sha256(init)}
+
+
+def _state_sha256(state: dict) -> str:
+    """sha256 over a state dict's names, dtypes, shapes and bytes (independent of torch.save's framing)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for key in sorted(state):
+        t = state[key].detach().cpu().contiguous()
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.view(torch.int16).numpy().tobytes())
+    return h.hexdigest()
 
 
 def _resolve(config_path: Path, max_steps: int | None, workdir: Path | None, export_name: str | None):
@@ -284,9 +327,15 @@ def train_from_config(config_path: Path, resume: bool = True, max_steps: int | N
     seed_everything(cfg.seed + rank)
     train_pool, val_pool = _build_pool(cfg, rank, work / "cache")
     net = build_network(cfg.network).to(device)
-    if cfg.init_from and not (resume and (work / "checkpoint.pt").is_file()):
-        net.load_state_dict(_initial_weights(cfg.init_from))
+    resuming = resume and (work / "checkpoint.pt").is_file()
+    # the start weights: to begin from, and (init_weight_share > 0) for the export's WiSE-FT mix
+    init_state = (_initial_weights(cfg.init_from)
+                  if cfg.init_from and (not resuming or cfg.init_weight_share > 0) else None)
+    if init_state is not None and not resuming:
+        net.load_state_dict(init_state)
         log.info("initialised from %s", cfg.init_from)
+    if cfg.init_weight_share <= 0:
+        init_state = None
     model = torch.nn.parallel.DistributedDataParallel(net) if distributed else net
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched_len = [cfg.max_steps]  # the cosine schedule's length; time_limit_s may shorten it
@@ -370,10 +419,14 @@ def train_from_config(config_path: Path, resume: bool = True, max_steps: int | N
         return work
     from pipeline.train.export import export_bundle
 
-    final_state = net.state_dict()
+    final_state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
     cfg.max_steps = sched_len[0]  # what reproduces this run (a time limit may have shortened it)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    return export_bundle(cfg, final_state, history, work, elapsed_s=time.time() - t0, device=f"{device} ({name})")
+    weights, extra = _export_weights(cfg, final_state, init_state)
+    if extra:
+        torch.save(final_state, work / "trained.pt")  # the unmixed weights, beside the run's checkpoint
+    return export_bundle(cfg, weights, history, work, elapsed_s=time.time() - t0, device=f"{device} ({name})",
+                         extra_training=extra)
 
 
 def _sample(pool, tf, rng) -> tuple[torch.Tensor, torch.Tensor]:
