@@ -1,8 +1,10 @@
 """The local backend: one worker in this process, or ``--workers N`` worker processes.
 
 Each worker builds one runner (model loaded once) and overlaps loading the next studies with
-inference through a bounded prefetch. With N > 1 the workers are separate processes (spawn)
-each fed through its own queue by the driver; the driver alone writes the manifest. A worker that dies (killed,
+inference through a bounded prefetch. With N > 1 the workers are separate processes, each fed
+through its own queue by the driver; the driver alone writes the manifest. Where the platform
+has it, workers are forked from a fork server that has imported torch, MONAI and the pipeline
+once (``WORKER_PRELOAD``), so N workers do not pay N imports; elsewhere they are spawned. A worker that dies (killed,
 out of memory) fails only the study it was running: the studies it had prefetched go back to
 the queue and a fresh worker takes its place.
 """
@@ -27,6 +29,20 @@ log = logging.getLogger("osteoplan.batch")
 
 OnResult = Callable[[ManifestEntry], None]
 OnStart = Callable[[Task], None]
+
+
+# Imported once by the fork server; every worker forked from it starts with them. No CUDA is
+# touched at import, so each worker still makes its own CUDA context.
+WORKER_PRELOAD = ("torch", "pipeline.segment.segmenter", "pipeline.study", "pipeline.batch.worker")
+
+
+def worker_context() -> Any:
+    """The multiprocessing context for batch workers: a preloading fork server, else spawn."""
+    if "forkserver" not in mp.get_all_start_methods():
+        return mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(list(WORKER_PRELOAD))  # takes effect when the server first starts
+    return ctx
 
 
 class WorkerStartError(OsteoplanError):
@@ -70,7 +86,7 @@ def run_pool(tasks: list[Task], settings: BatchSettings, workers: int, on_result
     as failed) and the rest go back to the pending list. No task can be lost in a queue, whatever
     messages a dying process failed to flush.
     """
-    ctx = mp.get_context("spawn")
+    ctx = worker_context()
     # SimpleQueue: put() writes to the pipe before returning (no feeder thread), so a message a
     # worker sent survives that worker dying right after (a Queue could lose its "done").
     result_q: Any = ctx.SimpleQueue()
@@ -202,7 +218,7 @@ def _worker_main(wid: int, workers: int, settings: BatchSettings, task_q: Any, r
             try:
                 item = task_q.get(timeout=1.0)
             except queue.Empty:
-                if os.getppid() != parent_pid:  # the driver is gone (killed): stop
+                if not _alive(parent_pid):  # the driver is gone (killed): stop
                     return
                 continue
             if item is None:
@@ -218,6 +234,17 @@ def _worker_main(wid: int, workers: int, settings: BatchSettings, task_q: Any, r
             entry = process(runner, task, settings, loaded.value, loaded.error, loaded.seconds, name, options)
             result_q.put(("done", wid, tid, asdict(entry)))
             log.info("worker %s finished study %s: %s", name, anon(task.study.key), entry.status)
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` still exists (the driver; a forked worker's parent is the fork server)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _worker_options(settings: BatchSettings, wid: int, workers: int) -> tuple[Any, int | None]:

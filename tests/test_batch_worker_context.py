@@ -1,0 +1,36 @@
+"""Batch workers come from a fork server that imported the heavy modules once (spawn elsewhere)."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import subprocess
+import sys
+
+import pytest
+
+from pipeline.batch import local
+
+
+def _modules_loaded(q) -> None:
+    q.put([m for m in local.WORKER_PRELOAD if m in sys.modules])
+
+
+@pytest.mark.skipif("forkserver" not in mp.get_all_start_methods(), reason="no fork server on this platform")
+def test_workers_start_with_the_preloaded_modules():
+    ctx = local.worker_context()
+    assert ctx.get_start_method() == "forkserver"
+    q = ctx.SimpleQueue()
+    p = ctx.Process(target=_modules_loaded, args=(q,))
+    p.start()
+    loaded = q.get()
+    p.join(timeout=60)
+    # a spawned interpreter would have none of them before the target imports them
+    assert loaded == list(local.WORKER_PRELOAD)
+
+
+def test_driver_liveness_is_by_pid_not_parenthood():
+    assert local._alive(os.getpid())
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    assert not local._alive(proc.pid)
