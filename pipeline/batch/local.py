@@ -4,9 +4,9 @@ Each worker builds one runner (model loaded once) and overlaps loading the next 
 inference through a bounded prefetch. With N > 1 the workers are separate processes, each fed
 through its own queue by the driver; the driver alone writes the manifest. Where the platform
 has it, workers are forked from a fork server that has imported torch, MONAI and the pipeline
-once (``WORKER_PRELOAD``), so N workers do not pay N imports; elsewhere they are spawned. A worker that dies (killed,
-out of memory) fails only the study it was running: the studies it had prefetched go back to
-the queue and a fresh worker takes its place.
+once (``WORKER_PRELOAD``), so N workers do not pay N imports; elsewhere they are spawned.
+A worker that dies (killed, out of memory) fails only the study it was running: the studies it
+had prefetched go back to the queue and a fresh worker takes its place.
 """
 
 from __future__ import annotations
