@@ -37,7 +37,7 @@ import warnings
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Iterable, Iterator
+from typing import Any, BinaryIO, Callable, Iterable, Iterator
 
 import pydicom
 from pydicom.dataset import Dataset
@@ -163,12 +163,18 @@ def list_files(root: Path) -> list[Path]:
     return out
 
 
-def scan_files(files: Iterable[Path]) -> Scan:
-    """Read the header of every file; sort results into images, other objects and skipped files."""
+def scan_files(files: Iterable[Path],
+               on_image: Callable[[SliceHeader, list[Path], int], bool] | None = None) -> Scan:
+    """Read the header of every file; sort results into images, other objects and skipped files.
+
+    ``on_image(first slice, files, index of its file)`` is called for each image file until it
+    returns True (the loader starts faulting in the volume's array there).
+    """
     scan = Scan()
+    files = list(files)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for path in _read_ahead(files, READ_AHEAD_FILES):
+        for index, path in enumerate(_read_ahead(files, READ_AHEAD_FILES)):
             scan.n_files += 1
             try:
                 result = read_header(Path(path))
@@ -183,6 +189,8 @@ def scan_files(files: Iterable[Path]) -> Scan:
                 scan.others.append(result)
             else:
                 scan.slices.extend(result)
+                if on_image is not None and result and on_image(result[0], files, index):
+                    on_image = None
     if scan.skipped:
         log.info("skipped %d of %d files: %s", sum(scan.skipped.values()), scan.n_files, scan.skipped_summary())
     return scan

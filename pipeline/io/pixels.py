@@ -10,7 +10,8 @@ Rules (README "Input" copies them):
 - Uncompressed little-endian 16-bit data is read with one ``preadv`` per slice at the offset the
   header pass recorded, straight into the output array; bits are fixed and HU computed there in
   place (no intermediate copy; the int16 range is checked with only the min or max it needs).
-  Two threads share these files; each keeps its next files open with their pixel bytes advised
+  Two threads share these files. Each reads from the page cache first (``RWF_NOWAIT``); once a
+  file is not cached it keeps its next files open with their pixel bytes advised
   (POSIX_FADV_WILLNEED), so a cold cache is read several files at a time. Anything else (JPEG
   2000, JPEG-LS, RLE, big endian, 8/32-bit) goes through pydicom's decoders (pylibjpeg /
   openjpeg for JPEG 2000), spread over a small thread pool.
@@ -23,6 +24,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 import warnings
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -41,7 +43,8 @@ log = logging.getLogger("osteoplan.io")
 INT16_MIN, INT16_MAX = -32768, 32767
 LITTLE_ENDIAN_HOST = sys.byteorder == "little"  # native pixels are read straight into native int16
 NATIVE_THREADS = 2  # threads reading native files (more gained nothing on the 2-core bench machine)
-READ_AHEAD_FILES = 16  # native files each thread keeps open and advised ahead of the one it reads
+READ_AHEAD_FILES = 16  # native files each thread keeps open and advised ahead of the one it reads (once cold)
+NOWAIT_FLAG = getattr(os, "RWF_NOWAIT", 0)  # read what the page cache holds without waiting (Linux)
 
 
 @dataclass
@@ -59,11 +62,16 @@ def integral_rescale(slices: list[SliceHeader]) -> bool:
                for s in slices)
 
 
-def decode_stack(slices: list[SliceHeader], workers: int | None = None) -> Decoded:
-    """Decode ``slices`` (all the same rows x cols) into one array of HU, slice k at ``buf[k]``."""
+def decode_stack(slices: list[SliceHeader], workers: int | None = None, prefault: Prefault | None = None) -> Decoded:
+    """Decode ``slices`` (all the same rows x cols) into one array of HU, slice k at ``buf[k]``.
+
+    ``prefault``: an int16 array faulted in ahead of time (see :class:`Prefault`), used when it fits.
+    """
     rows, cols = slices[0].rows, slices[0].cols
     dtype = np.int16 if integral_rescale(slices) else np.float32
-    buf = np.empty((len(slices), rows, cols), dtype=dtype)
+    buf = prefault.take(len(slices), rows, cols) if (prefault is not None and dtype == np.int16) else None
+    if buf is None:
+        buf = np.empty((len(slices), rows, cols), dtype=dtype)
     overflow: dict[int, np.ndarray] = {}
     by_file: dict[Path, list[int]] = {}
     for k, s in enumerate(slices):
@@ -104,6 +112,95 @@ def decode_stack(slices: list[SliceHeader], workers: int | None = None) -> Decod
     return Decoded(buf, sorted(failed), errors)
 
 
+class Prefault:
+    """The volume's int16 array, allocated and faulted in by a background thread during the header pass.
+
+    A new 157 MB array costs the kernel ~10-20 ms of page faults (zeroing) when it is first
+    written; the header pass is Python holding one core, so the other core can take those faults
+    meanwhile. ``start`` is called with the first plain image of the scan (single frame, native
+    16-bit, not a localizer) and the files from it on; the guess is one slice per file of that
+    image's folder, when that many voxels stay within ``max_voxels``. ``take`` gives the array
+    when the chosen stack has that image size and at most ``slack`` slices fewer (the extra
+    slices stay allocated behind the view), else None and the caller allocates as before; values
+    never depend on it (every slice is overwritten).
+    """
+
+    def __init__(self, max_voxels: int) -> None:
+        self.max_voxels = max_voxels
+        self.thread: threading.Thread | None = None
+        self.array: np.ndarray | None = None
+
+    def start(self, first: SliceHeader, files: list[Path], index: int) -> bool:
+        """Start faulting in for the image ``first`` (of ``files[index]``); False: not an image
+        to guess from (localizer, multi-frame, compressed...), ask again with the next one."""
+        if self.thread is not None:
+            return True
+        if first.frame is not None or first.is_localizer or first.pixel_offset is None:
+            return False
+        if first.bits_allocated != 16 or first.samples_per_pixel != 1:
+            return False
+        folder = first.path.parent
+        n = sum(1 for f in files[index:] if f.parent == folder)
+        if n < 2 or n * first.rows * first.cols > self.max_voxels:
+            return True
+        self.thread = threading.Thread(target=self._fault, args=((n, first.rows, first.cols),),
+                                       name="osteoplan-prefault", daemon=True)
+        self.thread.start()
+        return True
+
+    def _fault(self, shape: tuple[int, int, int]) -> None:
+        try:
+            array = np.empty(shape, np.int16)
+        except MemoryError:
+            return
+        if not _populate(array):
+            array.fill(0)  # numpy releases the GIL: the pages are faulted in beside the header pass
+        self.array = array
+
+    @staticmethod
+    def slack(n: int) -> int:
+        """How many unused slices a prefaulted array may carry behind a stack of ``n``."""
+        return max(2, n // 32)
+
+    def take(self, n: int, rows: int, cols: int) -> np.ndarray | None:
+        """The (n, rows, cols) int16 array when the prefaulted one fits, else None (dropped)."""
+        if self.thread is None:
+            return None
+        self.thread.join()
+        array, self.array = self.array, None
+        if array is None or array.shape[1:] != (rows, cols) or not n <= array.shape[0] <= n + self.slack(n):
+            return None
+        return array if array.shape[0] == n else array[:n]
+
+    def close(self) -> None:
+        """Drop the array if it was not taken (waits for the thread)."""
+        if self.thread is not None:
+            self.thread.join()
+        self.array = None
+
+
+MADV_POPULATE_WRITE = 23  # Linux >= 5.14: fault pages in writable, without writing to them
+
+
+def _populate(array: np.ndarray) -> bool:
+    """Fault ``array``'s pages in with one ``madvise(MADV_POPULATE_WRITE)`` (the kernel zeroes them,
+    nothing else is written); False where that is not available (then the caller writes them)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        madvise = libc.madvise
+        madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        madvise.restype = ctypes.c_int
+        page = os.sysconf("SC_PAGE_SIZE")
+        start = array.ctypes.data // page * page
+        return madvise(start, array.ctypes.data + array.nbytes - start, MADV_POPULATE_WRITE) == 0
+    except (OSError, AttributeError, ValueError):
+        return False
+
+
 def _error_text(exc: Exception) -> str:
     return f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
 
@@ -129,32 +226,44 @@ def _read_native_all(slices: list[SliceHeader], groups: list[list[int]], buf: np
 
 def _read_native_files(slices: list[SliceHeader], groups: list[list[int]], buf: np.ndarray,
                        overflow: dict[int, np.ndarray]) -> list[tuple[list[int], str | None]]:
-    """Read the files ``groups`` in order, keeping the next READ_AHEAD_FILES open and advised.
+    """Read the files ``groups`` in order; once a file is not in the page cache, keep the next
+    READ_AHEAD_FILES open and advised.
 
-    Each file is opened once, READ_AHEAD_FILES before it is read, with POSIX_FADV_WILLNEED on its
-    pixel bytes: from a cold cache the kernel then reads several files at once instead of waiting
-    for one at a time.
+    Each file's pixel bytes are first read with ``RWF_NOWAIT`` (only what the page cache holds,
+    never waiting on the disk): a warm study costs no advice at all. The first file that misses
+    switches this reader to read-ahead: from then on each file is opened READ_AHEAD_FILES before
+    it is read, with POSIX_FADV_WILLNEED on its pixel bytes, so a cold cache is read several files
+    at a time instead of one after the other. Only timing depends on the cache: the values and
+    errors are the same.
     """
     results: list[tuple[list[int], str | None]] = []
     pending = iter(groups)
     ahead: deque[tuple[list[int], int | OSError]] = deque()
+    reader = _NativeReader()
 
-    def open_next() -> None:
-        ks = next(pending, None)
-        if ks is not None:
+    def top_up() -> None:
+        while len(ahead) < READ_AHEAD_FILES:
+            ks = next(pending, None)
+            if ks is None:
+                return
             ahead.append((ks, _open_advised(slices, ks)))
 
+    reader.on_miss = top_up
     try:
-        for _ in range(max(1, READ_AHEAD_FILES)):
-            open_next()
-        while ahead:
-            ks, fd = ahead.popleft()
-            open_next()
+        while True:
+            if ahead:
+                ks, fd = ahead.popleft()
+                top_up()
+            else:
+                ks = next(pending, None)
+                if ks is None:
+                    break
+                fd = _open_plain(slices, ks)
             if isinstance(fd, OSError):
                 results.append((ks, _error_text(fd)))
                 continue
             try:
-                _read_native(fd, slices, ks, buf, overflow)
+                _read_native(fd, slices, ks, buf, overflow, reader)
                 results.append(([], None))
             except Exception as exc:  # noqa: BLE001 - one bad file must not stop the load
                 results.append((ks, _error_text(exc)))
@@ -165,6 +274,44 @@ def _read_native_files(slices: list[SliceHeader], groups: list[list[int]], buf: 
             if not isinstance(fd, OSError):
                 os.close(fd)
     return results
+
+
+class _NativeReader:
+    """``read(fd, target, offset)``: fill ``target`` from ``offset``, the page cache first.
+
+    Until the first miss, each read is tried with ``RWF_NOWAIT``; the rest of a partial read (or
+    the whole, after ``BlockingIOError``) is read normally, after ``on_miss`` has been called once
+    (the caller starts its read-ahead there). Returns the number of bytes read, as ``preadv``.
+    """
+
+    def __init__(self) -> None:
+        self.nowait = NOWAIT_FLAG
+        self.on_miss = lambda: None
+
+    def read(self, fd: int, target: np.ndarray, offset: int) -> int:
+        if not self.nowait:
+            return os.preadv(fd, [target], offset)  # type: ignore[arg-type]
+        try:
+            got = os.preadv(fd, [target], offset, self.nowait)  # type: ignore[arg-type]
+        except BlockingIOError:
+            got = 0
+        except OSError:  # RWF_NOWAIT not supported here: read plainly from now on
+            self.nowait = 0
+            return os.preadv(fd, [target], offset)  # type: ignore[arg-type]
+        if got >= target.nbytes:
+            return got
+        self.nowait = 0
+        self.on_miss()
+        rest = memoryview(target).cast("B")[got:]
+        return got + os.preadv(fd, [rest], offset + got)
+
+
+def _open_plain(slices: list[SliceHeader], ks: list[int]) -> int | OSError:
+    """An open descriptor for the file of slices ``ks`` (no advice: it may well be cached)."""
+    try:
+        return os.open(slices[ks[0]].path, os.O_RDONLY)
+    except OSError as exc:
+        return exc
 
 
 def _open_advised(slices: list[SliceHeader], ks: list[int]) -> int | OSError:
@@ -192,14 +339,15 @@ def _is_fast(slices: list[SliceHeader], ks: list[int]) -> bool:
 
 
 def _read_native(fd: int, slices: list[SliceHeader], ks: list[int], buf: np.ndarray,
-                 overflow: dict[int, np.ndarray]) -> None:
+                 overflow: dict[int, np.ndarray], reader: _NativeReader | None = None) -> None:
     """The slices ``ks`` of one open file: one ``preadv`` each into ``buf[k]`` (int16) or a scratch
     array (float32 ``buf``), then bits fixed and HU computed in place -- the same values as
     ``_fix_bits`` + ``_store_hu`` on a copy, without the copies."""
+    reader = reader or _NativeReader()
     for k in ks:
         s = slices[k]
         target = buf[k] if buf.dtype == np.int16 else np.empty((s.rows, s.cols), np.int16)
-        if os.preadv(fd, [target], s.pixel_offset) != target.nbytes:  # type: ignore[arg-type]
+        if reader.read(fd, target, int(s.pixel_offset)) != target.nbytes:
             raise ValueError("pixel data shorter than Rows x Columns")
         raw = target.view(np.int16 if s.pixel_representation else np.uint16)
         _fix_bits_inplace(raw, s)

@@ -1,0 +1,153 @@
+"""The loader's speed paths (issue 7, warm DICOM loading) give exactly what the plain paths give.
+
+Each test builds the same input twice over: once with the speed path in place, once with it
+switched off (the plain path it replaced), and compares everything the loader returns: the
+array's values, dtype and shape, the geometry, the provenance, the selection and the warnings.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.io import pixels
+from pipeline.io.discover import read_header
+from pipeline.io.load import load_input
+from pipeline.io.pixels import Prefault, decode_stack
+
+from io_helpers import geometry, random_hu, rotation, write_ct_series
+from test_io_pixels_native import _template, _write, reference
+
+
+def signature(vol) -> tuple:
+    """Everything a Volume carries, arrays as bytes (dtype and shape included)."""
+    a = vol.array
+    g = vol.geometry
+    return (a.dtype.str, a.shape, np.ascontiguousarray(a).tobytes(), g.shape, g.spacing, g.origin,
+            np.asarray(g.direction).tobytes(), repr(vol.dicom), vol.input_path, vol.input_kind,
+            repr(vol.selection), list(vol.warnings))
+
+
+def _no_prefault(monkeypatch) -> None:
+    monkeypatch.setattr(Prefault, "start", lambda self, first, files, index: True)
+
+
+def _series(tmp: Path, name: str, **kw) -> Path:
+    direction = kw.pop("direction", None)
+    g = geometry(shape=(11, 9, 7), direction=direction)
+    write_ct_series(random_hu(g.shape, 5), g, tmp / name / "ct", file_names="random",
+                    instance_numbers="shuffled", seed=3, **kw)
+    return tmp / name
+
+
+SERIES = {
+    "plain": {},
+    "implicit": {"transfer_syntax": "implicit"},
+    "oblique": {"direction": rotation((0.3, -0.2, 1.0), 17.0)},
+    "feet-first": {"direction": np.diag([-1.0, 1.0, -1.0]), "patient_position": "FFS"},
+    "slope2": {"rescale_slope": 2, "rescale_intercept": -2048},
+    "no-intercept": {"rescale_intercept": 0},
+    "fractional": {"rescale_slope": 0.5, "rescale_intercept": -1024.5},
+}
+
+
+@pytest.mark.parametrize("name", sorted(SERIES))
+def test_prefaulted_volume_is_the_same(tmp_path, monkeypatch, name):
+    study = _series(tmp_path, name, **SERIES[name])
+    taken: list = []
+    real_take = Prefault.take
+
+    def take(self, n, rows, cols):
+        got = real_take(self, n, rows, cols)
+        taken.append(got is not None)
+        return got
+
+    monkeypatch.setattr(Prefault, "take", take)
+    fast = signature(load_input(study))
+    if name != "fractional":  # float32 stacks never use the int16 array
+        assert taken == [True], "the prefaulted array should have been used"
+    with monkeypatch.context() as m:
+        _no_prefault(m)
+        plain = signature(load_input(study))
+    assert fast == plain
+
+
+def test_prefault_rules(tmp_path):
+    study = _series(tmp_path, "rules")
+    files = sorted((study / "ct").iterdir())
+    (first,) = read_header(files[0])
+    pf = Prefault(max_voxels=10**9)
+    assert pf.start(first, files, 0) and pf.thread is not None
+    assert pf.take(7, first.rows, first.cols).shape == (7, first.rows, first.cols)
+    pf = Prefault(max_voxels=10**9)
+    pf.start(first, files, 0)
+    got = pf.take(5, first.rows, first.cols)  # 2 slices fewer: within the slack, a view
+    assert got.shape == (5, first.rows, first.cols) and got.base is not None
+    for n, rows in ((4, first.rows), (8, first.rows), (7, first.rows + 1)):
+        pf = Prefault(max_voxels=10**9)
+        pf.start(first, files, 0)
+        assert pf.take(n, rows, first.cols) is None
+    pf = Prefault(max_voxels=7 * first.rows * first.cols - 1)  # over the memory guard: nothing allocated
+    assert pf.start(first, files, 0) and pf.thread is None and pf.take(7, first.rows, first.cols) is None
+    pf = Prefault(max_voxels=10**9)
+    assert pf.start(first, files, 6) and pf.thread is None  # one file left in the folder: no guess
+
+
+def _stack(tmp_path, n=13) -> list:
+    template = _template(tmp_path, "explicit")
+    rng = np.random.default_rng(9)
+    out = []
+    for k in range(n):
+        stored = rng.integers(-2000, 3000, size=(7, 9)).astype(np.int16)
+        out.append(_write(template, tmp_path / f"p{k}.dcm", stored, 12, True, 1, -1024))
+    return out
+
+
+@pytest.mark.parametrize("miss", ["partial", "none cached", "unsupported"])
+def test_page_cache_misses_read_the_same(tmp_path, monkeypatch, miss):
+    slices = _stack(tmp_path)
+    want = reference(slices)
+    real_preadv = os.preadv
+    advised: list[int] = []
+    real_open_advised = pixels._open_advised
+
+    def preadv(fd, buffers, offset, flags=0):
+        if not flags:
+            return real_preadv(fd, buffers, offset)
+        assert flags == os.RWF_NOWAIT
+        if miss == "none cached":
+            raise BlockingIOError(errno.EAGAIN, "would block")
+        if miss == "unsupported":
+            raise OSError(errno.EOPNOTSUPP, "not supported")
+        (target,) = buffers
+        half = memoryview(target).cast("B")[: target.nbytes // 2 + 1]
+        return real_preadv(fd, [half], offset)
+
+    def open_advised(s, ks):
+        advised.append(ks[0])
+        return real_open_advised(s, ks)
+
+    monkeypatch.setattr(os, "preadv", preadv)
+    monkeypatch.setattr(pixels, "_open_advised", open_advised)
+    for workers in (None, 1):
+        advised.clear()
+        got = decode_stack(slices, workers=workers)
+        assert not got.failed and got.buf.dtype == want.dtype
+        np.testing.assert_array_equal(got.buf, want)
+        if miss != "unsupported":  # a miss switches each reader to advised read-ahead
+            assert advised, "no read-ahead after a page cache miss"
+
+
+@pytest.mark.skipif(not hasattr(os, "RWF_NOWAIT"), reason="no RWF_NOWAIT on this platform")
+def test_warm_files_need_no_advice(tmp_path, monkeypatch):
+    slices = _stack(tmp_path)
+    want = reference(slices)  # reads every file: the pages are cached now
+    advised: list[int] = []
+    monkeypatch.setattr(pixels, "_open_advised", lambda s, ks: advised.append(ks[0]) or os.open(s[ks[0]].path, 0))
+    got = decode_stack(slices)
+    np.testing.assert_array_equal(got.buf, want)
+    assert advised == []
