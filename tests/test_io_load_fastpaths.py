@@ -14,12 +14,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.io import pixels
-from pipeline.io.discover import read_header
+from pipeline.io import discover, pixels
+from pipeline.io.discover import list_files, read_header, scan_files
+from pipeline.io.fastheader import HEAD_BYTES
 from pipeline.io.load import load_input
 from pipeline.io.pixels import Prefault, decode_stack
 
-from io_helpers import geometry, random_hu, rotation, write_ct_series
+from pipeline.io.dicom_write import write_localizer
+
+from io_helpers import geometry, random_hu, rotation, set_tags, write_ct_series
 from test_io_pixels_native import _template, _write, reference
 
 
@@ -151,3 +154,128 @@ def test_warm_files_need_no_advice(tmp_path, monkeypatch):
     got = decode_stack(slices)
     np.testing.assert_array_equal(got.buf, want)
     assert advised == []
+
+
+def _scan_outcome(files) -> tuple:
+    scan = scan_files(files)
+    return repr(scan.slices), repr(scan.others), dict(scan.skipped), scan.n_files
+
+
+def _mixed_folder(tmp_path) -> list[Path]:
+    """A series, a second series, junk, an empty file and a file shorter than HEAD_BYTES."""
+    a = _series(tmp_path, "a")
+    b = _series(tmp_path, "b", transfer_syntax="implicit")
+    (tmp_path / "junk.txt").write_bytes(b"not dicom" * 100)
+    (tmp_path / "empty").write_bytes(b"")
+    files = list_files(tmp_path)
+    assert any(f.stat().st_size < HEAD_BYTES for f in files) and a.is_dir() and b.is_dir()
+    return files
+
+
+@pytest.mark.parametrize("miss", ["partial", "none cached", "unsupported"])
+def test_header_pass_page_cache_misses_read_the_same(tmp_path, monkeypatch, miss):
+    files = _mixed_folder(tmp_path)
+    want = _scan_outcome(files)
+    real_preadv = os.preadv
+    advised: list[Path] = []
+    real_advise = discover._advise_head
+    calls = {"nowait": 0}
+
+    def preadv(fd, buffers, offset, flags=0):
+        if not flags:
+            return real_preadv(fd, buffers, offset)
+        calls["nowait"] += 1
+        if miss == "none cached":
+            raise BlockingIOError(errno.EAGAIN, "would block")
+        if miss == "unsupported":
+            raise OSError(errno.EOPNOTSUPP, "not supported")
+        (target,) = buffers
+        return real_preadv(fd, [memoryview(target)[:100]], offset)
+
+    monkeypatch.setattr(os, "preadv", preadv)
+    monkeypatch.setattr(discover, "_advise_head", lambda p: advised.append(p) or real_advise(p))
+    assert _scan_outcome(files) == want
+    assert calls["nowait"] == 1, "after the first miss the heads are read plainly"
+    if miss == "unsupported":
+        assert advised == []
+    else:  # the files after the first one read (the empty file is not read), advised ahead, each once
+        first = next(i for i, f in enumerate(files) if f.stat().st_size)
+        assert advised == files[first + 1:]
+
+
+@pytest.mark.skipif(not hasattr(os, "RWF_NOWAIT"), reason="no RWF_NOWAIT on this platform")
+def test_header_pass_warm_needs_no_advice(tmp_path, monkeypatch):
+    files = _mixed_folder(tmp_path)
+    for f in files:
+        f.read_bytes()
+    advised: list[Path] = []
+    monkeypatch.setattr(discover, "_advise_head", advised.append)
+    scan = scan_files(files)
+    assert len(scan.slices) == 14 and advised == []
+
+
+def test_pread_reads_like_a_buffered_file(tmp_path, monkeypatch):
+    path = tmp_path / "f"
+    data = bytes(range(256)) * 300
+    path.write_bytes(data)
+    real_pread = os.pread
+    monkeypatch.setattr(os, "pread", lambda fd, n, pos: real_pread(fd, min(n, 1000), pos))  # short reads
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert discover._pread(fd, 20000, 5) == data[5:20005]
+        assert discover._pread(fd, 200000, 70000) == data[70000:]
+        assert discover._pread(fd, 10, len(data)) == b""
+        f = discover._FdFile(fd)
+        f.seek(100)
+        assert f.read(3000) == data[100:3100] and f.read(10) == data[3100:3110]
+    finally:
+        os.close(fd)
+
+
+def _general_paths(m) -> None:
+    """Every speed path off: pydicom reads every header, pydicom's decoders every pixel file."""
+    m.setattr(discover, "_read_fast", lambda fh, head, size: None)
+    m.setattr(pixels, "_is_fast", lambda slices, ks: False)
+    m.setattr(discover, "NOWAIT_FLAG", 0)
+    m.setattr(pixels, "NOWAIT_FLAG", 0)
+    _no_prefault(m)
+
+
+def _bits(folder: Path, bits: int, signed: bool) -> None:
+    for f in (folder / "ct").iterdir():
+        set_tags(f, BitsStored=bits, HighBit=bits - 1, PixelRepresentation=int(signed))
+
+
+@pytest.mark.parametrize("name", sorted(SERIES) + ["bits12-unsigned", "bits12-signed", "mixed-folder"])
+def test_load_matches_the_general_path(tmp_path, monkeypatch, name):
+    if name.startswith("bits12"):
+        study = _series(tmp_path, name)
+        _bits(study, 12, name.endswith("-signed"))
+    elif name == "mixed-folder":
+        study = _series(tmp_path, name)
+        src = write_ct_series(random_hu((6, 5, 4), 2), geometry(shape=(6, 5, 4)), study / "small")
+        write_localizer(study / "loc", src.study_instance_uid, src.frame_of_reference_uid)
+        (study / "junk.bin").write_bytes(b"\x00" * 5000)
+        (study / "notes.txt").write_text("hello")
+    else:
+        study = _series(tmp_path, name, **SERIES[name])
+    fast = signature(load_input(study))
+    with monkeypatch.context() as m:
+        _general_paths(m)
+        plain = signature(load_input(study))
+    assert fast == plain
+
+
+def test_raw_view_decodes_as_parse_raw():
+    # the view decodes text inline: the same values as _parse_raw on awkward bytes
+    rng = np.random.default_rng(5)
+    alphabet = [b"a", b"1", b".", b"-", b" ", b"\x00", b"\\", b"E", b"\xe9"]
+    table = [(kw, tag, vr) for kw, (tag, vr) in discover._TAG_TABLE.items() if vr != "SQ"]
+    for _ in range(3000):
+        kw, tag, vr = table[rng.integers(len(table))]
+        raw = b"".join(alphabet[i] for i in rng.integers(len(alphabet), size=rng.integers(0, 12)))
+        explicit = [None, vr, "LO", "US", "FD", "SS"][rng.integers(6)]
+        want = discover._parse_raw(raw, explicit or vr, True)
+        want = None if want == "" else want
+        view = discover._RawView({tag: (explicit, raw)})
+        assert view.get(kw) == want and (kw in view) == (want is not None), (kw, explicit, raw)
