@@ -279,3 +279,36 @@ def test_raw_view_decodes_as_parse_raw():
         want = None if want == "" else want
         view = discover._RawView({tag: (explicit, raw)})
         assert view.get(kw) == want and (kw in view) == (want is not None), (kw, explicit, raw)
+
+
+def _walk_reference(root: Path) -> list[Path]:
+    """The previous list_files: os.walk, sorted, Path.is_file."""
+    root = Path(root)
+    if root.is_file():
+        return [root]
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        dirnames.sort()
+        for name in sorted(filenames):
+            p = Path(dirpath) / name
+            if p.is_file():
+                out.append(p)
+    return out
+
+
+def test_list_files_is_os_walk(tmp_path):
+    root = tmp_path / "in"
+    for d in ("b", "a/z", "a/y/x", "c d", "É"):
+        (root / d).mkdir(parents=True)
+    for f in ("b/2", "b/1", "a/z/f", "a/y/x/g", "a/top", "c d/h h", "É/é", "0", "Z", "_"):
+        (root / f).write_bytes(b"x")
+    (root / "link-to-file").symlink_to(root / "a" / "top")
+    (root / "link-to-dir").symlink_to(root / "a")
+    (root / "broken").symlink_to(root / "nowhere")
+    (root / "a" / "loop").symlink_to(root)
+    if hasattr(os, "mkfifo"):
+        os.mkfifo(root / "fifo")
+    got = list_files(root)
+    assert got == _walk_reference(root) and len(got) == 11
+    for r in (root / "a", root / "a" / "top", root / "link-to-dir", root / "missing", Path(str(root) + "/")):
+        assert list_files(r) == _walk_reference(r)

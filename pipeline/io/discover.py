@@ -151,18 +151,52 @@ class _Skip(Exception):
 
 
 def list_files(root: Path) -> list[Path]:
-    """Every regular file under ``root`` (or ``[root]`` for a file), in a stable order."""
+    """Every regular file under ``root`` (or ``[root]`` for a file), in a stable order.
+
+    The order and the files are those of ``os.walk(root)`` (top-down, sub-folders sorted and
+    not followed through links, each folder's files sorted by name, kept when ``Path.is_file``),
+    from one ``scandir`` per folder: a plain file's type comes from the directory entry, only
+    links and other odd entries are looked up.
+    """
     root = Path(root)
     if root.is_file():
         return [root]
     out: list[Path] = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
-        dirnames.sort()
-        for name in sorted(filenames):
-            p = Path(dirpath) / name
-            if p.is_file():
-                out.append(p)
+    _walk_files(str(root), out)
     return out
+
+
+def _walk_files(top: str, out: list[Path]) -> None:
+    try:
+        with os.scandir(top) as it:
+            entries = list(it)
+    except OSError:
+        return  # os.walk skips a folder it cannot list
+    dirs: list[str] = []
+    files: list[os.DirEntry] = []
+    for entry in entries:
+        try:
+            is_dir = entry.is_dir()
+        except OSError:
+            is_dir = False
+        if is_dir:
+            dirs.append(entry.name)
+        else:
+            files.append(entry)
+    files.sort(key=lambda e: e.name)
+    for entry in files:
+        try:
+            plain = entry.is_file(follow_symlinks=False)
+        except OSError:
+            plain = False
+        path = Path(entry.path)
+        if plain or path.is_file():
+            out.append(path)
+    dirs.sort()
+    for name in dirs:
+        sub = os.path.join(top, name)
+        if not os.path.islink(sub):
+            _walk_files(sub, out)
 
 
 def scan_files(files: Iterable[Path],
