@@ -312,3 +312,21 @@ def test_list_files_is_os_walk(tmp_path):
     assert got == _walk_reference(root) and len(got) == 11
     for r in (root / "a", root / "a" / "top", root / "link-to-dir", root / "missing", Path(str(root) + "/")):
         assert list_files(r) == _walk_reference(r)
+
+
+def test_read_errors_are_not_taken_for_a_missing_nowait(tmp_path, monkeypatch):
+    # an I/O error on the page-cache read is the file's error, as on a plain read
+    slices = _stack(tmp_path, n=5)
+    files = [s.path for s in slices]
+    real_preadv = os.preadv
+
+    def preadv(fd, buffers, offset, flags=0):
+        if flags:
+            raise OSError(errno.EIO, "input/output error")
+        return real_preadv(fd, buffers, offset)
+
+    monkeypatch.setattr(os, "preadv", preadv)
+    got = decode_stack(slices, workers=1)
+    assert got.failed == [0, 1, 2, 3, 4] and got.errors[0].startswith("OSError")
+    scan = scan_files(files)
+    assert scan.skipped == {"unreadable DICOM header": 5} and not scan.slices

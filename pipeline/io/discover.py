@@ -30,6 +30,7 @@ Rules (README "Input" copies them):
 from __future__ import annotations
 
 import dataclasses
+import errno
 import logging
 import math
 import os
@@ -60,6 +61,7 @@ PIXEL_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)
 NO_POSITION = "CT images without ImagePositionPatient/ImageOrientationPatient"
 READ_AHEAD_FILES = 32  # header pass, cold cache: files whose first bytes are requested ahead of the one being read
 NOWAIT_FLAG = getattr(os, "RWF_NOWAIT", 0)  # read what the page cache holds without waiting (Linux)
+NOWAIT_UNSUPPORTED = (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS)  # what a kernel/file system without it says
 # Only these elements are parsed (pydicom skips the others' values): about 25 % faster on real headers.
 HEADER_TAGS = [
     "SOPClassUID", "SOPInstanceUID", "Modality", "ImageType", "StudyInstanceUID", "SeriesInstanceUID",
@@ -207,7 +209,7 @@ def scan_files(files: Iterable[Path],
     returns True (the loader starts faulting in the volume's array there).
     """
     scan = Scan()
-    files = [Path(f) for f in files]
+    files = [f if isinstance(f, Path) else Path(f) for f in files]
     heads = _HeadReads(files, READ_AHEAD_FILES)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -249,20 +251,22 @@ class _HeadReads:
         self.index = 0  # the file being read
         self.advised = 0  # files[:advised] were advised (or needed no advice)
         self.nowait = NOWAIT_FLAG if hasattr(os, "posix_fadvise") else 0
+        self.buf = bytearray(HEAD_BYTES) if self.nowait else bytearray()
 
     def read(self, fd: int, size: int) -> bytes:
         want = min(size, HEAD_BYTES)
         if self.nowait:
-            buf = bytearray(HEAD_BYTES)
             try:
-                got = os.preadv(fd, [buf], 0, self.nowait)
+                got = os.preadv(fd, [self.buf], 0, self.nowait)
             except BlockingIOError:
                 got = -1
-            except OSError:  # RWF_NOWAIT not supported here: plain reads (and no advice) from now on
-                self.nowait = 0
+            except OSError as exc:
+                if exc.errno not in NOWAIT_UNSUPPORTED:
+                    raise
+                self.nowait = 0  # RWF_NOWAIT not supported here: plain reads (and no advice) from now on
                 got = -1
             if got >= want:
-                return bytes(buf[:got]) if got < HEAD_BYTES else bytes(buf)
+                return bytes(self.buf) if got == HEAD_BYTES else memoryview(self.buf)[:got].tobytes()
             if self.nowait:
                 self.nowait = 0  # cold: advise ahead from now on
                 self.advised = self.index + 1
@@ -500,12 +504,13 @@ def _frames(ds: Dataset, header: _Header, common: dict[str, Any], offset: int | 
 
 
 _SLICE_FIELDS = tuple(f.name for f in dataclasses.fields(SliceHeader))
+_SLICE_FIELD_SET = frozenset(_SLICE_FIELDS)
 
 
 def _slice_header(fields: dict[str, Any]) -> SliceHeader:
     """``SliceHeader(**fields)`` without the frozen dataclass's ``__init__`` (one
     ``object.__setattr__`` per field, ~10 us a header): the same instance, field for field."""
-    if fields.keys() != set(_SLICE_FIELDS):
+    if fields.keys() != _SLICE_FIELD_SET:
         return SliceHeader(**fields)  # its own error
     obj = object.__new__(SliceHeader)
     object.__setattr__(obj, "__dict__", {name: fields[name] for name in _SLICE_FIELDS})

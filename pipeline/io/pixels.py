@@ -36,7 +36,7 @@ import pydicom
 from pydicom.uid import UID
 
 import pipeline.io  # noqa: F401  (pydicom configuration)
-from pipeline.io.discover import SliceHeader
+from pipeline.io.discover import NOWAIT_UNSUPPORTED, SliceHeader
 
 log = logging.getLogger("osteoplan.io")
 
@@ -295,8 +295,10 @@ class _NativeReader:
             got = os.preadv(fd, [target], offset, self.nowait)  # type: ignore[arg-type]
         except BlockingIOError:
             got = 0
-        except OSError:  # RWF_NOWAIT not supported here: read plainly from now on
-            self.nowait = 0
+        except OSError as exc:
+            if exc.errno not in NOWAIT_UNSUPPORTED:
+                raise
+            self.nowait = 0  # RWF_NOWAIT not supported here: read plainly from now on
             return os.preadv(fd, [target], offset)  # type: ignore[arg-type]
         if got >= target.nbytes:
             return got
