@@ -330,3 +330,22 @@ def test_read_errors_are_not_taken_for_a_missing_nowait(tmp_path, monkeypatch):
     assert got.failed == [0, 1, 2, 3, 4] and got.errors[0].startswith("OSError")
     scan = scan_files(files)
     assert scan.skipped == {"unreadable DICOM header": 5} and not scan.slices
+
+
+def test_float32_stack_drops_the_prefaulted_array_first(tmp_path, monkeypatch):
+    study = _series(tmp_path, "f32", rescale_slope=0.5, rescale_intercept=-1024.5)
+    slices = scan_files(list_files(study)).slices
+    pf = Prefault(max_voxels=10**9)
+    assert pf.start(slices[0], [s.path for s in slices], 0)
+    sizes: list[int] = []
+    real_empty = np.empty
+
+    def empty(shape, dtype=float, *a, **k):
+        sizes.append(0 if pf.array is None else pf.array.nbytes)  # what is still held at that moment
+        return real_empty(shape, dtype, *a, **k)
+
+    pf.thread.join()
+    assert pf.array is not None
+    monkeypatch.setattr(pixels.np, "empty", empty)
+    got = decode_stack(slices, prefault=pf)
+    assert got.buf.dtype == np.float32 and sizes and sizes[0] == 0 and pf.array is None

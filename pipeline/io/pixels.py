@@ -69,7 +69,12 @@ def decode_stack(slices: list[SliceHeader], workers: int | None = None, prefault
     """
     rows, cols = slices[0].rows, slices[0].cols
     dtype = np.int16 if integral_rescale(slices) else np.float32
-    buf = prefault.take(len(slices), rows, cols) if (prefault is not None and dtype == np.int16) else None
+    buf = None
+    if prefault is not None:
+        if dtype == np.int16:
+            buf = prefault.take(len(slices), rows, cols)
+        else:
+            prefault.close()  # not for a float32 stack: free it before allocating that one
     if buf is None:
         buf = np.empty((len(slices), rows, cols), dtype=dtype)
     overflow: dict[int, np.ndarray] = {}
