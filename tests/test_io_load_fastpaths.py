@@ -349,3 +349,23 @@ def test_float32_stack_drops_the_prefaulted_array_first(tmp_path, monkeypatch):
     monkeypatch.setattr(pixels.np, "empty", empty)
     got = decode_stack(slices, prefault=pf)
     assert got.buf.dtype == np.float32 and sizes and sizes[0] == 0 and pf.array is None
+
+
+def test_common_root_is_the_files_common_path():
+    from pipeline.io.load import _common_root
+
+    def reference(files):
+        parents = {str(f.parent) for f in files}
+        if len(parents) == 1:
+            return parents.pop()
+        try:
+            return os.path.commonpath([str(f) for f in files])
+        except ValueError:
+            return ""
+
+    cases = [["/a/b/x", "/a/c/y"], ["/a/b/x", "/a/b/c/y", "/a/b/z"], ["/x", "/a/y"], ["a/x", "a/b/y"],
+             ["x", "a/y"], ["./a/x", "a/b/y"], ["/a/x", "b/y"], ["/s/ct/1", "/s/ct/2", "/s/localizer/1"],
+             ["/a/bc/x", "/a/b/y"], ["/a/x"], []]
+    for files in cases:
+        paths = [Path(f) for f in files]
+        assert _common_root(paths) == (reference(paths) if paths else ""), files
