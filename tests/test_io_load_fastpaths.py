@@ -141,8 +141,7 @@ def test_page_cache_misses_read_the_same(tmp_path, monkeypatch, miss):
         got = decode_stack(slices, workers=workers)
         assert not got.failed and got.buf.dtype == want.dtype
         np.testing.assert_array_equal(got.buf, want)
-        if miss != "unsupported":  # a miss switches each reader to advised read-ahead
-            assert advised, "no read-ahead after a page cache miss"
+        assert advised, "no read-ahead after a page cache miss"  # (or without RWF_NOWAIT)
 
 
 @pytest.mark.skipif(not hasattr(os, "RWF_NOWAIT"), reason="no RWF_NOWAIT on this platform")
@@ -196,11 +195,9 @@ def test_header_pass_page_cache_misses_read_the_same(tmp_path, monkeypatch, miss
     monkeypatch.setattr(discover, "_advise_head", lambda p: advised.append(p) or real_advise(p))
     assert _scan_outcome(files) == want
     assert calls["nowait"] == 1, "after the first miss the heads are read plainly"
-    if miss == "unsupported":
-        assert advised == []
-    else:  # the files after the first one read (the empty file is not read), advised ahead, each once
-        first = next(i for i, f in enumerate(files) if f.stat().st_size)
-        assert advised == files[first + 1:]
+    # the files after the first one read (the empty file is not read), advised ahead, each once
+    first = next(i for i, f in enumerate(files) if f.stat().st_size)
+    assert advised == files[first + 1:]
 
 
 @pytest.mark.skipif(not hasattr(os, "RWF_NOWAIT"), reason="no RWF_NOWAIT on this platform")
@@ -369,3 +366,24 @@ def test_common_root_is_the_files_common_path():
     for files in cases:
         paths = [Path(f) for f in files]
         assert _common_root(paths) == (reference(paths) if paths else ""), files
+
+
+def test_without_rwf_nowait_everything_is_read_ahead(tmp_path, monkeypatch):
+    # a platform without RWF_NOWAIT reads ahead from the start, as before it was used
+    files = _mixed_folder(tmp_path)
+    want = _scan_outcome(files)
+    slices = _stack(tmp_path / "stack")
+    want_pixels = reference(slices)
+    monkeypatch.setattr(discover, "NOWAIT_FLAG", 0)
+    monkeypatch.setattr(pixels, "NOWAIT_FLAG", 0)
+    heads: list[Path] = []
+    monkeypatch.setattr(discover, "_advise_head", heads.append)
+    assert _scan_outcome(files) == want
+    first = next(i for i, f in enumerate(files) if f.stat().st_size)
+    assert heads == files[first + 1:]  # every file after the first one read, advised before it is read
+    opened: list[int] = []
+    real_open_advised = pixels._open_advised
+    monkeypatch.setattr(pixels, "_open_advised", lambda s, ks: opened.append(ks[0]) or real_open_advised(s, ks))
+    got = decode_stack(slices, workers=1)
+    np.testing.assert_array_equal(got.buf, want_pixels)
+    assert sorted(opened) == list(range(len(slices)))

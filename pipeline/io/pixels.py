@@ -255,6 +255,8 @@ def _read_native_files(slices: list[SliceHeader], groups: list[list[int]], buf: 
 
     reader.on_miss = top_up
     try:
+        if not reader.nowait:
+            top_up()  # no page-cache reads here: read ahead from the start
         while True:
             if ahead:
                 ks, fd = ahead.popleft()
@@ -303,8 +305,7 @@ class _NativeReader:
         except OSError as exc:
             if exc.errno not in NOWAIT_UNSUPPORTED:
                 raise
-            self.nowait = 0  # RWF_NOWAIT not supported here: read plainly from now on
-            return os.preadv(fd, [target], offset)  # type: ignore[arg-type]
+            got = 0  # RWF_NOWAIT not supported here: read plainly, ahead, from now on
         if got >= target.nbytes:
             return got
         self.nowait = 0
