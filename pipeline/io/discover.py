@@ -62,6 +62,7 @@ NO_POSITION = "CT images without ImagePositionPatient/ImageOrientationPatient"
 READ_AHEAD_FILES = 32  # header pass, cold cache: files whose first bytes are requested ahead of the one being read
 NOWAIT_FLAG = getattr(os, "RWF_NOWAIT", 0)  # read what the page cache holds without waiting (Linux)
 NOWAIT_UNSUPPORTED = (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS)  # what a kernel/file system without it says
+COLD_AFTER_MISSES = 2  # page-cache reads in a row that miss before a pass takes the cache for cold
 # Only these elements are parsed (pydicom skips the others' values): about 25 % faster on real headers.
 HEADER_TAGS = [
     "SOPClassUID", "SOPInstanceUID", "Modality", "ImageType", "StudyInstanceUID", "SeriesInstanceUID",
@@ -240,7 +241,8 @@ class _HeadReads:
     """The first HEAD_BYTES of each file of one scan, from the page cache first.
 
     Each head is read with ``RWF_NOWAIT`` (what the page cache holds, without waiting on the
-    disk) until one is not cached; from then on (cold cache), before each file is read the heads
+    disk) until COLD_AFTER_MISSES heads in a row are not cached (a warm cache misses now and
+    then); from then on (cold cache), before each file is read the heads
     of the next ``n`` files are advised (POSIX_FADV_WILLNEED), so the kernel fetches several at
     once (the header pass from a cold cache was ~1.6x faster on the bench study). A warm scan
     gives no advice at all; without ``RWF_NOWAIT`` every scan is advised ahead. Only timing
@@ -254,6 +256,7 @@ class _HeadReads:
         can_advise = hasattr(os, "posix_fadvise")
         self.nowait = NOWAIT_FLAG if can_advise else 0
         self.cold = can_advise and not self.nowait  # advise ahead before each read
+        self.misses = 0  # heads in a row that missed the page cache
         self.buf = bytearray(HEAD_BYTES) if self.nowait else bytearray()
 
     def read(self, fd: int, size: int) -> bytes:
@@ -265,10 +268,13 @@ class _HeadReads:
             except OSError as exc:
                 if exc.errno not in NOWAIT_UNSUPPORTED:
                     raise
-                got = -1  # RWF_NOWAIT not supported here: plain reads, advised ahead, from now on
+                got, self.misses = -1, COLD_AFTER_MISSES  # not supported here: plain reads, advised ahead
             if got >= min(size, HEAD_BYTES):
+                self.misses = 0
                 return bytes(self.buf) if got == HEAD_BYTES else memoryview(self.buf)[:got].tobytes()
-            self.nowait, self.cold = 0, True
+            self.misses += 1
+            if self.misses >= COLD_AFTER_MISSES:
+                self.nowait, self.cold = 0, True
         if self.cold:
             self._advise_ahead()
         return _pread(fd, HEAD_BYTES, 0)

@@ -37,7 +37,7 @@ import pydicom
 from pydicom.uid import UID
 
 import pipeline.io  # noqa: F401  (pydicom configuration)
-from pipeline.io.discover import NOWAIT_UNSUPPORTED, SliceHeader
+from pipeline.io.discover import COLD_AFTER_MISSES, NOWAIT_UNSUPPORTED, SliceHeader
 
 log = logging.getLogger("osteoplan.io")
 
@@ -232,12 +232,12 @@ def _read_native_all(slices: list[SliceHeader], groups: list[list[int]], buf: np
 
 def _read_native_files(slices: list[SliceHeader], groups: list[list[int]], buf: np.ndarray,
                        overflow: dict[int, np.ndarray]) -> list[tuple[list[int], str | None]]:
-    """Read the files ``groups`` in order; once a file is not in the page cache, keep the next
+    """Read the files ``groups`` in order; once the page cache looks cold, keep the next
     READ_AHEAD_FILES open and advised.
 
     Each file's pixel bytes are first read with ``RWF_NOWAIT`` (only what the page cache holds,
-    never waiting on the disk): a warm study costs no advice at all. The first file that misses
-    switches this reader to read-ahead: from then on each file is opened READ_AHEAD_FILES before
+    never waiting on the disk): a warm study costs no advice at all. COLD_AFTER_MISSES files in a
+    row that miss switch this reader to read-ahead: from then on each file is opened READ_AHEAD_FILES before
     it is read, with POSIX_FADV_WILLNEED on its pixel bytes, so a cold cache is read several files
     at a time instead of one after the other. Only timing depends on the cache: the values and
     errors are the same.
@@ -287,13 +287,16 @@ def _read_native_files(slices: list[SliceHeader], groups: list[list[int]], buf: 
 class _NativeReader:
     """``read(fd, target, offset)``: fill ``target`` from ``offset``, the page cache first.
 
-    Until the first miss, each read is tried with ``RWF_NOWAIT``; the rest of a partial read (or
-    the whole, after ``BlockingIOError``) is read normally, after ``on_miss`` has been called once
-    (the caller starts its read-ahead there). Returns the number of bytes read, as ``preadv``.
+    Each read is tried with ``RWF_NOWAIT``; the rest of a partial read (or the whole, after
+    ``BlockingIOError``) is read normally. After COLD_AFTER_MISSES reads in a row that missed
+    (a warm cache misses now and then: a page locked for a moment), or when ``RWF_NOWAIT`` is
+    not supported, ``on_miss`` is called once (the caller starts its read-ahead there) and
+    reads are plain from then on. Returns the number of bytes read, as ``preadv``.
     """
 
     def __init__(self) -> None:
         self.nowait = NOWAIT_FLAG
+        self.misses = 0  # reads in a row that missed the page cache
         self.on_miss = lambda: None
 
     def read(self, fd: int, target: np.ndarray, offset: int) -> int:
@@ -306,11 +309,14 @@ class _NativeReader:
         except OSError as exc:
             if exc.errno not in NOWAIT_UNSUPPORTED:
                 raise
-            got = 0  # RWF_NOWAIT not supported here: read plainly, ahead, from now on
+            got, self.misses = 0, COLD_AFTER_MISSES  # not supported here: read plainly, ahead, from now on
         if got >= target.nbytes:
+            self.misses = 0
             return got
-        self.nowait = 0
-        self.on_miss()
+        self.misses += 1
+        if self.misses >= COLD_AFTER_MISSES:
+            self.nowait = 0
+            self.on_miss()
         rest = memoryview(target).cast("B")[got:]
         return got + os.preadv(fd, [rest], offset + got)
 
