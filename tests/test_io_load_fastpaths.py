@@ -417,3 +417,24 @@ def test_one_miss_now_and_then_is_not_a_cold_cache(tmp_path, monkeypatch):
         got = decode_stack(slices, workers=workers)
         np.testing.assert_array_equal(got.buf, want_pixels)
     assert advised == [] and calls["n"] > 20
+
+
+def test_group_positions_as_before():
+    from pipeline.io.geometry import POSITION_TOL_MM, group_positions
+
+    def reference(t_sorted, tol=POSITION_TOL_MM):  # the previous loop over numpy scalars
+        groups = []
+        for idx, t in enumerate(np.asarray(t_sorted, dtype=np.float64)):
+            if groups and t - t_sorted[groups[-1][0]] < tol:
+                groups[-1].append(idx)
+            else:
+                groups.append([idx])
+        return groups
+
+    rng = np.random.default_rng(7)
+    for _ in range(500):
+        base = np.round(rng.normal(0, 20, rng.integers(0, 30)), rng.integers(0, 3))
+        jitter = rng.choice([0.0, 0.005, 0.0199, 0.02, 0.0201, 0.5], size=base.size)
+        t = np.sort(np.concatenate([base, base + jitter]))
+        for arg in (t, t.astype(np.float32), list(t)):
+            assert group_positions(arg) == reference(arg)
