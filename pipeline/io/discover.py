@@ -346,7 +346,8 @@ def read_header(path: Path, fast: bool = True) -> list[SliceHeader] | OtherObjec
     return _read_header(Path(path), fast, None)
 
 
-def _read_header(path: Path, fast: bool, heads: _HeadReads | None) -> list[SliceHeader] | OtherObject:
+def _read_header(path: Path, fast: bool,
+                 heads: _HeadReads | None) -> list[SliceHeader] | OtherObject:
     try:
         size = os.stat(path).st_size
     except OSError:

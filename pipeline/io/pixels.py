@@ -11,9 +11,9 @@ Rules (README "Input" copies them):
   header pass recorded, straight into the output array; bits are fixed and HU computed there in
   place (no intermediate copy; the int16 range is checked with only the min or max it needs).
   The int16 array is usually allocated and faulted in during the header pass (``Prefault``),
-  on a second core. Two threads share these files. Each reads from the page cache first (``RWF_NOWAIT``); once a
-  file is not cached it keeps its next files open with their pixel bytes advised
-  (POSIX_FADV_WILLNEED), so a cold cache is read several files at a time. Anything else (JPEG
+  on a second core. Two threads share these files. Each reads from the page cache first
+  (``RWF_NOWAIT``); once files are not cached it keeps its next files open with their pixel
+  bytes advised (POSIX_FADV_WILLNEED), so a cold cache is read several files at a time. Anything else (JPEG
   2000, JPEG-LS, RLE, big endian, 8/32-bit) goes through pydicom's decoders (pylibjpeg /
   openjpeg for JPEG 2000), spread over a small thread pool.
 - A file that fails to decode does not stop the load: its slices are reported as failed and the
