@@ -18,7 +18,7 @@ from pipeline.io import discover, pixels
 from pipeline.io.discover import list_files, read_header, scan_files
 from pipeline.io.fastheader import HEAD_BYTES
 from pipeline.io.load import load_input
-from pipeline.io.pixels import Prefault, decode_stack
+from pipeline.io.pixels import decode_stack
 
 from pipeline.io.dicom_write import write_localizer
 
@@ -33,10 +33,6 @@ def signature(vol) -> tuple:
     return (a.dtype.str, a.shape, np.ascontiguousarray(a).tobytes(), g.shape, g.spacing, g.origin,
             np.asarray(g.direction).tobytes(), repr(vol.dicom), vol.input_path, vol.input_kind,
             repr(vol.selection), list(vol.warnings))
-
-
-def _no_prefault(monkeypatch) -> None:
-    monkeypatch.setattr(Prefault, "start", lambda self, first, files, index: True)
 
 
 def _series(tmp: Path, name: str, **kw) -> Path:
@@ -56,48 +52,6 @@ SERIES = {
     "no-intercept": {"rescale_intercept": 0},
     "fractional": {"rescale_slope": 0.5, "rescale_intercept": -1024.5},
 }
-
-
-@pytest.mark.parametrize("name", sorted(SERIES))
-def test_prefaulted_volume_is_the_same(tmp_path, monkeypatch, name):
-    study = _series(tmp_path, name, **SERIES[name])
-    taken: list = []
-    real_take = Prefault.take
-
-    def take(self, n, rows, cols):
-        got = real_take(self, n, rows, cols)
-        taken.append(got is not None)
-        return got
-
-    monkeypatch.setattr(Prefault, "take", take)
-    fast = signature(load_input(study))
-    if name != "fractional":  # float32 stacks never use the int16 array
-        assert taken == [True], "the prefaulted array should have been used"
-    with monkeypatch.context() as m:
-        _no_prefault(m)
-        plain = signature(load_input(study))
-    assert fast == plain
-
-
-def test_prefault_rules(tmp_path):
-    study = _series(tmp_path, "rules")
-    files = sorted((study / "ct").iterdir())
-    (first,) = read_header(files[0])
-    pf = Prefault(max_voxels=10**9)
-    assert pf.start(first, files, 0) and pf.thread is not None
-    assert pf.take(7, first.rows, first.cols).shape == (7, first.rows, first.cols)
-    pf = Prefault(max_voxels=10**9)
-    pf.start(first, files, 0)
-    got = pf.take(5, first.rows, first.cols)  # 2 slices fewer: within the slack, a view
-    assert got.shape == (5, first.rows, first.cols) and got.base is not None
-    for n, rows in ((4, first.rows), (8, first.rows), (7, first.rows + 1)):
-        pf = Prefault(max_voxels=10**9)
-        pf.start(first, files, 0)
-        assert pf.take(n, rows, first.cols) is None
-    pf = Prefault(max_voxels=7 * first.rows * first.cols - 1)  # over the memory guard: nothing allocated
-    assert pf.start(first, files, 0) and pf.thread is None and pf.take(7, first.rows, first.cols) is None
-    pf = Prefault(max_voxels=10**9)
-    assert pf.start(first, files, 6) and pf.thread is None  # one file left in the folder: no guess
 
 
 def _stack(tmp_path, n=13) -> list:
@@ -235,7 +189,6 @@ def _general_paths(m) -> None:
     m.setattr(pixels, "_is_fast", lambda slices, ks: False)
     m.setattr(discover, "NOWAIT_FLAG", 0)
     m.setattr(pixels, "NOWAIT_FLAG", 0)
-    _no_prefault(m)
 
 
 def _bits(folder: Path, bits: int, signed: bool) -> None:
@@ -327,25 +280,6 @@ def test_read_errors_are_not_taken_for_a_missing_nowait(tmp_path, monkeypatch):
     assert got.failed == [0, 1, 2, 3, 4] and got.errors[0].startswith("OSError")
     scan = scan_files(files)
     assert scan.skipped == {"unreadable DICOM header": 5} and not scan.slices
-
-
-def test_float32_stack_drops_the_prefaulted_array_first(tmp_path, monkeypatch):
-    study = _series(tmp_path, "f32", rescale_slope=0.5, rescale_intercept=-1024.5)
-    slices = scan_files(list_files(study)).slices
-    pf = Prefault(max_voxels=10**9)
-    assert pf.start(slices[0], [s.path for s in slices], 0)
-    sizes: list[int] = []
-    real_empty = np.empty
-
-    def empty(shape, dtype=float, *a, **k):
-        sizes.append(0 if pf.array is None else pf.array.nbytes)  # what is still held at that moment
-        return real_empty(shape, dtype, *a, **k)
-
-    pf.thread.join()
-    assert pf.array is not None
-    monkeypatch.setattr(pixels.np, "empty", empty)
-    got = decode_stack(slices, prefault=pf)
-    assert got.buf.dtype == np.float32 and sizes and sizes[0] == 0 and pf.array is None
 
 
 def test_common_root_is_the_files_common_path():

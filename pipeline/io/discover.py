@@ -39,7 +39,7 @@ import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Iterable
+from typing import Any, BinaryIO, Iterable
 
 import pydicom
 from pydicom.dataset import Dataset
@@ -202,13 +202,8 @@ def _walk_files(top: str, out: list[Path]) -> None:
             _walk_files(sub, out)
 
 
-def scan_files(files: Iterable[Path],
-               on_image: Callable[[SliceHeader, list[Path], int], bool] | None = None) -> Scan:
-    """Read the header of every file; sort results into images, other objects and skipped files.
-
-    ``on_image(first slice, files, index of its file)`` is called for each image file until it
-    returns True (the loader starts faulting in the volume's array there).
-    """
+def scan_files(files: Iterable[Path]) -> Scan:
+    """Read the header of every file; sort results into images, other objects and skipped files."""
     scan = Scan()
     files = [f if isinstance(f, Path) else Path(f) for f in files]
     heads = _HeadReads(files, READ_AHEAD_FILES)
@@ -230,8 +225,6 @@ def scan_files(files: Iterable[Path],
                 scan.others.append(result)
             else:
                 scan.slices.extend(result)
-                if on_image is not None and result and on_image(result[0], files, index):
-                    on_image = None
     if scan.skipped:
         log.info("skipped %d of %d files: %s", sum(scan.skipped.values()), scan.n_files, scan.skipped_summary())
     return scan

@@ -10,8 +10,7 @@ Rules (README "Input" copies them):
 - Uncompressed little-endian 16-bit data is read with one ``preadv`` per slice at the offset the
   header pass recorded, straight into the output array; bits are fixed and HU computed there in
   place (no intermediate copy; the int16 range is checked with only the min or max it needs).
-  The int16 array is usually allocated and faulted in during the header pass (``Prefault``),
-  on a second core. Two threads share these files. Each reads from the page cache first
+  Two threads share these files. Each reads from the page cache first
   (``RWF_NOWAIT``); once files are not cached it keeps its next files open with their pixel
   bytes advised (POSIX_FADV_WILLNEED), so a cold cache is read several files at a time. Anything else (JPEG
   2000, JPEG-LS, RLE, big endian, 8/32-bit) goes through pydicom's decoders (pylibjpeg /
@@ -25,7 +24,6 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import threading
 import warnings
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -63,21 +61,11 @@ def integral_rescale(slices: list[SliceHeader]) -> bool:
                for s in slices)
 
 
-def decode_stack(slices: list[SliceHeader], workers: int | None = None, prefault: Prefault | None = None) -> Decoded:
-    """Decode ``slices`` (all the same rows x cols) into one array of HU, slice k at ``buf[k]``.
-
-    ``prefault``: an int16 array faulted in ahead of time (see :class:`Prefault`), used when it fits.
-    """
+def decode_stack(slices: list[SliceHeader], workers: int | None = None) -> Decoded:
+    """Decode ``slices`` (all the same rows x cols) into one array of HU, slice k at ``buf[k]``."""
     rows, cols = slices[0].rows, slices[0].cols
     dtype = np.int16 if integral_rescale(slices) else np.float32
-    buf = None
-    if prefault is not None:
-        if dtype == np.int16:
-            buf = prefault.take(len(slices), rows, cols)
-        else:
-            prefault.close()  # not for a float32 stack: free it before allocating that one
-    if buf is None:
-        buf = np.empty((len(slices), rows, cols), dtype=dtype)
+    buf = np.empty((len(slices), rows, cols), dtype=dtype)
     overflow: dict[int, np.ndarray] = {}
     by_file: dict[Path, list[int]] = {}
     for k, s in enumerate(slices):
@@ -116,95 +104,6 @@ def decode_stack(slices: list[SliceHeader], workers: int | None = None, prefault
         for k, v in overflow.items():
             buf[k] = v
     return Decoded(buf, sorted(failed), errors)
-
-
-class Prefault:
-    """The volume's int16 array, allocated and faulted in by a background thread during the header pass.
-
-    A new 157 MB array costs the kernel ~10-20 ms of page faults (zeroing) when it is first
-    written; the header pass is Python holding one core, so the other core can take those faults
-    meanwhile. ``start`` is called with the first plain image of the scan (single frame, native
-    16-bit, not a localizer) and the files from it on; the guess is one slice per file of that
-    image's folder, when that many voxels stay within ``max_voxels``. ``take`` gives the array
-    when the chosen stack has that image size and at most ``slack`` slices fewer (the extra
-    slices stay allocated behind the view), else None and the caller allocates as before; values
-    never depend on it (every slice is overwritten).
-    """
-
-    def __init__(self, max_voxels: int) -> None:
-        self.max_voxels = max_voxels
-        self.thread: threading.Thread | None = None
-        self.array: np.ndarray | None = None
-
-    def start(self, first: SliceHeader, files: list[Path], index: int) -> bool:
-        """Start faulting in for the image ``first`` (of ``files[index]``); False: not an image
-        to guess from (localizer, multi-frame, compressed...), ask again with the next one."""
-        if self.thread is not None:
-            return True
-        if first.frame is not None or first.is_localizer or first.pixel_offset is None:
-            return False
-        if first.bits_allocated != 16 or first.samples_per_pixel != 1:
-            return False
-        folder = first.path.parent
-        n = sum(1 for f in files[index:] if f.parent == folder)
-        if n < 2 or n * first.rows * first.cols > self.max_voxels:
-            return True
-        self.thread = threading.Thread(target=self._fault, args=((n, first.rows, first.cols),),
-                                       name="osteoplan-prefault", daemon=True)
-        self.thread.start()
-        return True
-
-    def _fault(self, shape: tuple[int, int, int]) -> None:
-        try:
-            array = np.empty(shape, np.int16)
-        except MemoryError:
-            return
-        if not _populate(array):
-            array.fill(0)  # numpy releases the GIL: the pages are faulted in beside the header pass
-        self.array = array
-
-    @staticmethod
-    def slack(n: int) -> int:
-        """How many unused slices a prefaulted array may carry behind a stack of ``n``."""
-        return max(2, n // 32)
-
-    def take(self, n: int, rows: int, cols: int) -> np.ndarray | None:
-        """The (n, rows, cols) int16 array when the prefaulted one fits, else None (dropped)."""
-        if self.thread is None:
-            return None
-        self.thread.join()
-        array, self.array = self.array, None
-        if array is None or array.shape[1:] != (rows, cols) or not n <= array.shape[0] <= n + self.slack(n):
-            return None
-        return array if array.shape[0] == n else array[:n]
-
-    def close(self) -> None:
-        """Drop the array if it was not taken (waits for the thread)."""
-        if self.thread is not None:
-            self.thread.join()
-        self.array = None
-
-
-MADV_POPULATE_WRITE = 23  # Linux >= 5.14: fault pages in writable, without writing to them
-
-
-def _populate(array: np.ndarray) -> bool:
-    """Fault ``array``'s pages in with one ``madvise(MADV_POPULATE_WRITE)`` (the kernel zeroes them,
-    nothing else is written); False where that is not available (then the caller writes them)."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        madvise = libc.madvise
-        madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        madvise.restype = ctypes.c_int
-        page = os.sysconf("SC_PAGE_SIZE")
-        start = array.ctypes.data // page * page
-        return madvise(start, array.ctypes.data + array.nbytes - start, MADV_POPULATE_WRITE) == 0
-    except (OSError, AttributeError, ValueError):
-        return False
 
 
 def _error_text(exc: Exception) -> str:
