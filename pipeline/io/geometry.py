@@ -88,8 +88,9 @@ def positions_along(points: np.ndarray, axis: np.ndarray) -> np.ndarray:
 def group_positions(t_sorted: np.ndarray, tol: float = POSITION_TOL_MM) -> list[list[int]]:
     """Indices of a sorted position list grouped by equal position (consecutive within ``tol``)."""
     groups: list[list[int]] = []
-    for idx, t in enumerate(np.asarray(t_sorted, dtype=np.float64)):
-        if groups and t - t_sorted[groups[-1][0]] < tol:
+    ts = np.asarray(t_sorted, dtype=np.float64).tolist()  # Python floats: the same doubles, ~5x faster to loop over
+    for idx, t in enumerate(ts):
+        if groups and t - ts[groups[-1][0]] < tol:
             groups[-1].append(idx)
         else:
             groups.append([idx])

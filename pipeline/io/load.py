@@ -129,7 +129,7 @@ def _common_root(files: list[Path]) -> str:
         return parents.pop()
     import os
 
-    try:
-        return os.path.commonpath([str(f) for f in files])
+    try:  # files in different folders share what their folders share
+        return os.path.commonpath(sorted(parents))
     except ValueError:
         return ""

@@ -10,8 +10,9 @@ Rules (README "Input" copies them):
 - Uncompressed little-endian 16-bit data is read with one ``preadv`` per slice at the offset the
   header pass recorded, straight into the output array; bits are fixed and HU computed there in
   place (no intermediate copy; the int16 range is checked with only the min or max it needs).
-  Two threads share these files; each keeps its next files open with their pixel bytes advised
-  (POSIX_FADV_WILLNEED), so a cold cache is read several files at a time. Anything else (JPEG
+  Two threads share these files. Each reads from the page cache first
+  (``RWF_NOWAIT``); once files are not cached it keeps its next files open with their pixel
+  bytes advised (POSIX_FADV_WILLNEED), so a cold cache is read several files at a time. Anything else (JPEG
   2000, JPEG-LS, RLE, big endian, 8/32-bit) goes through pydicom's decoders (pylibjpeg /
   openjpeg for JPEG 2000), spread over a small thread pool.
 - A file that fails to decode does not stop the load: its slices are reported as failed and the
@@ -34,14 +35,15 @@ import pydicom
 from pydicom.uid import UID
 
 import pipeline.io  # noqa: F401  (pydicom configuration)
-from pipeline.io.discover import SliceHeader
+from pipeline.io.discover import COLD_AFTER_MISSES, NOWAIT_UNSUPPORTED, SliceHeader
 
 log = logging.getLogger("osteoplan.io")
 
 INT16_MIN, INT16_MAX = -32768, 32767
 LITTLE_ENDIAN_HOST = sys.byteorder == "little"  # native pixels are read straight into native int16
 NATIVE_THREADS = 2  # threads reading native files (more gained nothing on the 2-core bench machine)
-READ_AHEAD_FILES = 16  # native files each thread keeps open and advised ahead of the one it reads
+READ_AHEAD_FILES = 16  # native files each thread keeps open and advised ahead of the one it reads (once cold)
+NOWAIT_FLAG = getattr(os, "RWF_NOWAIT", 0)  # read what the page cache holds without waiting (Linux)
 
 
 @dataclass
@@ -129,32 +131,46 @@ def _read_native_all(slices: list[SliceHeader], groups: list[list[int]], buf: np
 
 def _read_native_files(slices: list[SliceHeader], groups: list[list[int]], buf: np.ndarray,
                        overflow: dict[int, np.ndarray]) -> list[tuple[list[int], str | None]]:
-    """Read the files ``groups`` in order, keeping the next READ_AHEAD_FILES open and advised.
+    """Read the files ``groups`` in order; once the page cache looks cold, keep the next
+    READ_AHEAD_FILES open and advised.
 
-    Each file is opened once, READ_AHEAD_FILES before it is read, with POSIX_FADV_WILLNEED on its
-    pixel bytes: from a cold cache the kernel then reads several files at once instead of waiting
-    for one at a time.
+    Each file's pixel bytes are first read with ``RWF_NOWAIT`` (only what the page cache holds,
+    never waiting on the disk): a warm study costs no advice at all. COLD_AFTER_MISSES files in a
+    row that miss switch this reader to read-ahead: from then on each file is opened READ_AHEAD_FILES before
+    it is read, with POSIX_FADV_WILLNEED on its pixel bytes, so a cold cache is read several files
+    at a time instead of one after the other. Only timing depends on the cache: the values and
+    errors are the same.
     """
     results: list[tuple[list[int], str | None]] = []
     pending = iter(groups)
     ahead: deque[tuple[list[int], int | OSError]] = deque()
+    reader = _NativeReader()
 
-    def open_next() -> None:
-        ks = next(pending, None)
-        if ks is not None:
+    def top_up() -> None:
+        while len(ahead) < READ_AHEAD_FILES:
+            ks = next(pending, None)
+            if ks is None:
+                return
             ahead.append((ks, _open_advised(slices, ks)))
 
+    reader.on_miss = top_up
     try:
-        for _ in range(max(1, READ_AHEAD_FILES)):
-            open_next()
-        while ahead:
-            ks, fd = ahead.popleft()
-            open_next()
+        if not reader.nowait:
+            top_up()  # no page-cache reads here: read ahead from the start
+        while True:
+            if ahead:
+                ks, fd = ahead.popleft()
+                top_up()
+            else:
+                ks = next(pending, None)
+                if ks is None:
+                    break
+                fd = _open_plain(slices, ks)
             if isinstance(fd, OSError):
                 results.append((ks, _error_text(fd)))
                 continue
             try:
-                _read_native(fd, slices, ks, buf, overflow)
+                _read_native(fd, slices, ks, buf, overflow, reader)
                 results.append(([], None))
             except Exception as exc:  # noqa: BLE001 - one bad file must not stop the load
                 results.append((ks, _error_text(exc)))
@@ -165,6 +181,51 @@ def _read_native_files(slices: list[SliceHeader], groups: list[list[int]], buf: 
             if not isinstance(fd, OSError):
                 os.close(fd)
     return results
+
+
+class _NativeReader:
+    """``read(fd, target, offset)``: fill ``target`` from ``offset``, the page cache first.
+
+    Each read is tried with ``RWF_NOWAIT``; the rest of a partial read (or the whole, after
+    ``BlockingIOError``) is read normally. After COLD_AFTER_MISSES reads in a row that missed
+    (a warm cache misses now and then: a page locked for a moment), or when ``RWF_NOWAIT`` is
+    not supported, ``on_miss`` is called once (the caller starts its read-ahead there) and
+    reads are plain from then on. Returns the number of bytes read, as ``preadv``.
+    """
+
+    def __init__(self) -> None:
+        self.nowait = NOWAIT_FLAG
+        self.misses = 0  # reads in a row that missed the page cache
+        self.on_miss = lambda: None
+
+    def read(self, fd: int, target: np.ndarray, offset: int) -> int:
+        if not self.nowait:
+            return os.preadv(fd, [target], offset)  # type: ignore[arg-type]
+        try:
+            got = os.preadv(fd, [target], offset, self.nowait)  # type: ignore[arg-type]
+        except BlockingIOError:
+            got = 0
+        except OSError as exc:
+            if exc.errno not in NOWAIT_UNSUPPORTED:
+                raise
+            got, self.misses = 0, COLD_AFTER_MISSES  # not supported here: read plainly, ahead, from now on
+        if got >= target.nbytes:
+            self.misses = 0
+            return got
+        self.misses += 1
+        if self.misses >= COLD_AFTER_MISSES:
+            self.nowait = 0
+            self.on_miss()
+        rest = memoryview(target).cast("B")[got:]
+        return got + os.preadv(fd, [rest], offset + got)
+
+
+def _open_plain(slices: list[SliceHeader], ks: list[int]) -> int | OSError:
+    """An open descriptor for the file of slices ``ks`` (no advice: it may well be cached)."""
+    try:
+        return os.open(slices[ks[0]].path, os.O_RDONLY)
+    except OSError as exc:
+        return exc
 
 
 def _open_advised(slices: list[SliceHeader], ks: list[int]) -> int | OSError:
@@ -192,14 +253,15 @@ def _is_fast(slices: list[SliceHeader], ks: list[int]) -> bool:
 
 
 def _read_native(fd: int, slices: list[SliceHeader], ks: list[int], buf: np.ndarray,
-                 overflow: dict[int, np.ndarray]) -> None:
+                 overflow: dict[int, np.ndarray], reader: _NativeReader | None = None) -> None:
     """The slices ``ks`` of one open file: one ``preadv`` each into ``buf[k]`` (int16) or a scratch
     array (float32 ``buf``), then bits fixed and HU computed in place -- the same values as
     ``_fix_bits`` + ``_store_hu`` on a copy, without the copies."""
+    reader = reader or _NativeReader()
     for k in ks:
         s = slices[k]
         target = buf[k] if buf.dtype == np.int16 else np.empty((s.rows, s.cols), np.int16)
-        if os.preadv(fd, [target], s.pixel_offset) != target.nbytes:  # type: ignore[arg-type]
+        if reader.read(fd, target, int(s.pixel_offset)) != target.nbytes:
             raise ValueError("pixel data shorter than Rows x Columns")
         raw = target.view(np.int16 if s.pixel_representation else np.uint16)
         _fix_bits_inplace(raw, s)

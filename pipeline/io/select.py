@@ -104,17 +104,25 @@ def build_stacks(slices: list[SliceHeader]) -> list[Stack]:
     stacks: list[Stack] = []
     for items in by_series.values():
         uid = items[0].series_uid
-        groups: list[tuple[tuple[Any, ...], np.ndarray, list[SliceHeader]]] = []
+        groups: list[tuple[tuple[Any, ...], tuple[float, ...], np.ndarray, list[SliceHeader]]] = []
         for s in items:
             key = (s.rows, s.cols, s.is_localizer, round(s.pixel_spacing[0], 4), round(s.pixel_spacing[1], 4))
-            iop = np.array(s.row_dir + s.col_dir)
-            for gkey, giop, members in groups:
-                if gkey == key and np.max(np.abs(giop - iop)) <= ORIENTATION_MATCH:
+            iop_t = s.row_dir + s.col_dir
+            iop = None
+            for gkey, giop_t, giop, members in groups:
+                if gkey != key:
+                    continue
+                if iop_t == giop_t:  # the same orientation exactly (finite: see discover): a match
+                    members.append(s)
+                    break
+                if iop is None:
+                    iop = np.array(iop_t)
+                if np.max(np.abs(giop - iop)) <= ORIENTATION_MATCH:
                     members.append(s)
                     break
             else:
-                groups.append((key, iop, [s]))
-        for key, _, members in groups:
+                groups.append((key, iop_t, np.array(iop_t), [s]))
+        for key, _, _, members in groups:
             stacks.append(_describe(Stack(uid, members, localizer=bool(key[2]))))
     return stacks
 
