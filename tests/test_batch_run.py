@@ -146,7 +146,7 @@ def test_a_shard_that_owns_no_study_leaves_an_empty_manifest(tmp_path):
 
     root, out = tmp_path / "in", tmp_path / "out"
     uid, _ = make_study(root / "s0", 0, n_slices=2)
-    empty = next(k for k in (1, 2) if k != shard_of(uid, 2))
+    empty = next(k for k in (1, 2) if k != shard_of(f"dicom:{uid}", 2))
     r = run_batch(root, out, StudyOptions(), _opts(shard=Shard(empty, 2)))
     assert (r.selected, r.ok, r.failed) == (0, 0, 0)
     assert (out / f"manifest.shard-{empty}-of-2.jsonl").read_text() == ""
