@@ -861,7 +861,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--labels-out", help=argparse.SUPPRESS)
     ap.add_argument("--labels-in", help=argparse.SUPPRESS)
-    ap.add_argument("--repeat-io", type=int, default=2, help=argparse.SUPPRESS)
+    ap.add_argument("--repeat-io", type=int, default=5, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
     if args.worker:
