@@ -64,25 +64,34 @@ def _stack(tmp_path, n=13) -> list:
     return out
 
 
-@pytest.mark.parametrize("miss", ["partial", "none cached", "unsupported"])
-def test_page_cache_misses_read_the_same(tmp_path, monkeypatch, miss):
-    slices = _stack(tmp_path)
-    want = reference(slices)
+def _missing_preadv(miss: str, partial, calls: dict | None = None):
+    """An ``os.preadv`` whose RWF_NOWAIT reads miss the page cache as ``miss`` says: "none cached"
+    (EAGAIN), "unsupported" (EOPNOTSUPP) or "partial" (only ``partial(buffer)`` is filled)."""
     real_preadv = os.preadv
-    advised: list[int] = []
-    real_open_advised = pixels._open_advised
 
     def preadv(fd, buffers, offset, flags=0):
         if not flags:
             return real_preadv(fd, buffers, offset)
         assert flags == os.RWF_NOWAIT
+        if calls is not None:
+            calls["nowait"] = calls.get("nowait", 0) + 1
         if miss == "none cached":
             raise BlockingIOError(errno.EAGAIN, "would block")
         if miss == "unsupported":
             raise OSError(errno.EOPNOTSUPP, "not supported")
         (target,) = buffers
-        half = memoryview(target).cast("B")[: target.nbytes // 2 + 1]
-        return real_preadv(fd, [half], offset)
+        return real_preadv(fd, [partial(target)], offset)
+
+    return preadv
+
+
+@pytest.mark.parametrize("miss", ["partial", "none cached", "unsupported"])
+def test_page_cache_misses_read_the_same(tmp_path, monkeypatch, miss):
+    slices = _stack(tmp_path)
+    want = reference(slices)
+    advised: list[int] = []
+    real_open_advised = pixels._open_advised
+    preadv = _missing_preadv(miss, lambda target: memoryview(target).cast("B")[: target.nbytes // 2 + 1])
 
     def open_advised(s, ks):
         advised.append(ks[0])
@@ -129,21 +138,10 @@ def _mixed_folder(tmp_path) -> list[Path]:
 def test_header_pass_page_cache_misses_read_the_same(tmp_path, monkeypatch, miss):
     files = _mixed_folder(tmp_path)
     want = _scan_outcome(files)
-    real_preadv = os.preadv
     advised: list[Path] = []
     real_advise = discover._advise_head
     calls = {"nowait": 0}
-
-    def preadv(fd, buffers, offset, flags=0):
-        if not flags:
-            return real_preadv(fd, buffers, offset)
-        calls["nowait"] += 1
-        if miss == "none cached":
-            raise BlockingIOError(errno.EAGAIN, "would block")
-        if miss == "unsupported":
-            raise OSError(errno.EOPNOTSUPP, "not supported")
-        (target,) = buffers
-        return real_preadv(fd, [memoryview(target)[:100]], offset)
+    preadv = _missing_preadv(miss, lambda target: memoryview(target)[:100], calls)
 
     monkeypatch.setattr(os, "preadv", preadv)
     monkeypatch.setattr(discover, "_advise_head", lambda p: advised.append(p) or real_advise(p))
