@@ -34,3 +34,23 @@ def test_driver_liveness_is_by_pid_not_parenthood():
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait()
     assert not local._alive(proc.pid)
+
+
+def test_preloaded_modules_touch_no_cuda_at_import():
+    """A fork server must not initialise CUDA: workers forked after that could not use the GPU."""
+    code = """
+import importlib, sys, torch
+calls = []
+for name in ("is_available", "device_count", "init", "current_device", "get_device_name",
+             "get_device_properties", "is_bf16_supported", "synchronize"):
+    orig = getattr(torch.cuda, name)
+    setattr(torch.cuda, name, lambda *a, _n=name, _o=orig, **k: calls.append(_n) or _o(*a, **k))
+from pipeline.batch.local import WORKER_PRELOAD
+for m in WORKER_PRELOAD:
+    importlib.import_module(m)
+print(",".join(calls) or "none")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "none"
