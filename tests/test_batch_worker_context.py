@@ -29,6 +29,14 @@ def test_workers_start_with_the_preloaded_modules():
     assert loaded == list(local.WORKER_PRELOAD)
 
 
+def test_spawn_can_be_asked_for(monkeypatch):
+    monkeypatch.setenv(local.WORKER_START_ENV, "spawn")
+    assert local.worker_context().get_start_method() == "spawn"
+    monkeypatch.setenv(local.WORKER_START_ENV, "bogus")
+    expected = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
+    assert local.worker_context().get_start_method() == expected
+
+
 def test_driver_liveness_is_by_pid_not_parenthood():
     assert local._alive(os.getpid())
     proc = subprocess.Popen([sys.executable, "-c", "pass"])

@@ -36,9 +36,20 @@ OnStart = Callable[[Task], None]
 WORKER_PRELOAD = ("torch", "pipeline.segment.segmenter", "pipeline.study", "pipeline.batch.worker")
 
 
+WORKER_START_ENV = "OSTEOPLAN_WORKER_START"  # "spawn" turns the fork server off (e.g. a platform where it misbehaves)
+
+
 def worker_context() -> Any:
-    """The multiprocessing context for batch workers: a preloading fork server, else spawn."""
-    if "forkserver" not in mp.get_all_start_methods():
+    """The multiprocessing context for batch workers: a preloading fork server, else spawn.
+
+    ``OSTEOPLAN_WORKER_START=spawn`` in the environment asks for spawn (each worker imports
+    everything itself, slower to start, as before the fork server).
+    """
+    wanted = os.environ.get(WORKER_START_ENV, "forkserver").strip().lower()
+    if wanted not in ("forkserver", "spawn"):
+        log.warning("%s=%r is neither forkserver nor spawn: using forkserver", WORKER_START_ENV, wanted)
+        wanted = "forkserver"
+    if wanted == "spawn" or "forkserver" not in mp.get_all_start_methods():
         return mp.get_context("spawn")
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(list(WORKER_PRELOAD))  # takes effect when the server first starts
