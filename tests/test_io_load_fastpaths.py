@@ -186,8 +186,7 @@ def _general_paths(m) -> None:
     """Every speed path off: pydicom reads every header, pydicom's decoders every pixel file."""
     m.setattr(discover, "_read_fast", lambda fh, head, size: None)
     m.setattr(pixels, "_is_fast", lambda slices, ks: False)
-    m.setattr(discover, "NOWAIT_FLAG", 0)
-    m.setattr(pixels, "NOWAIT_FLAG", 0)
+    m.setattr(discover, "NOWAIT_FLAG", 0)  # the header pass and the pixel reads
 
 
 def _bits(folder: Path, bits: int, signed: bool) -> None:
@@ -307,8 +306,7 @@ def test_without_rwf_nowait_everything_is_read_ahead(tmp_path, monkeypatch):
     want = _scan_outcome(files)
     slices = _stack(tmp_path / "stack")
     want_pixels = reference(slices)
-    monkeypatch.setattr(discover, "NOWAIT_FLAG", 0)
-    monkeypatch.setattr(pixels, "NOWAIT_FLAG", 0)
+    monkeypatch.setattr(discover, "NOWAIT_FLAG", 0)  # the header pass and the pixel reads
     heads: list[Path] = []
     monkeypatch.setattr(discover, "_advise_head", heads.append)
     assert _scan_outcome(files) == want

@@ -39,7 +39,7 @@ import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Iterable
+from typing import Any, BinaryIO, Callable, Iterable
 
 import pydicom
 from pydicom.dataset import Dataset
@@ -230,47 +230,73 @@ def scan_files(files: Iterable[Path]) -> Scan:
     return scan
 
 
-class _HeadReads:
-    """The first HEAD_BYTES of each file of one scan, from the page cache first.
+class CacheFirstReads:
+    """Reads that take what the page cache holds first, until the cache looks cold.
 
-    Each head is read with ``RWF_NOWAIT`` (what the page cache holds, without waiting on the
-    disk) until COLD_AFTER_MISSES heads in a row are not cached (a warm cache misses now and
-    then); from then on (cold cache), before each file is read the heads
-    of the next ``n`` files are advised (POSIX_FADV_WILLNEED), so the kernel fetches several at
-    once (the header pass from a cold cache was ~1.6x faster on the bench study). A warm scan
-    gives no advice at all; without ``RWF_NOWAIT`` every scan is advised ahead. Only timing
-    depends on it: the bytes are the same.
+    ``read_into(fd, view, offset, enough)`` fills ``view`` from ``offset``. While ``nowait`` is
+    set (``RWF_NOWAIT``) it first asks only for cached bytes; the rest of a partial read (or the
+    whole, after ``BlockingIOError``) is read normally. A read that got fewer than ``enough``
+    bytes is a miss. After COLD_AFTER_MISSES misses in a row (a warm cache misses now and then:
+    a page locked for a moment), or when ``RWF_NOWAIT`` is not supported, ``on_cold`` is called
+    once (the caller starts its read-ahead there) and reads are plain from then on. The bytes
+    are the same either way; only timing depends on the cache. Used by the header pass
+    (``_HeadReads``) and the native pixel reads (``pixels``).
+    """
+
+    def __init__(self, on_cold: Callable[[], None], nowait: int | None = None) -> None:
+        self.nowait = NOWAIT_FLAG if nowait is None else nowait
+        self.misses = 0  # reads in a row that missed the page cache
+        self.on_cold = on_cold
+
+    def read_into(self, fd: int, view: memoryview, offset: int, enough: int) -> int:
+        got = 0
+        if self.nowait:
+            try:
+                got = os.preadv(fd, [view], offset, self.nowait)
+            except BlockingIOError:
+                got = 0
+            except OSError as exc:
+                if exc.errno not in NOWAIT_UNSUPPORTED:
+                    raise
+                got, self.misses = 0, COLD_AFTER_MISSES  # not supported here: plain reads from now on
+            if got >= enough:
+                self.misses = 0
+                return got
+            self.misses += 1
+            if self.misses >= COLD_AFTER_MISSES:
+                self.nowait = 0
+                self.on_cold()
+        while got < len(view):  # fewer bytes only at the end of the file, like a buffered read
+            more = os.preadv(fd, [view[got:]], offset + got)
+            if not more:
+                break
+            got += more
+        return got
+
+
+class _HeadReads:
+    """The first HEAD_BYTES of each file of one scan, from the page cache first
+    (:class:`CacheFirstReads`).
+
+    Once the cache looks cold, before each file is read the heads of the next ``n`` files are
+    advised (POSIX_FADV_WILLNEED), so the kernel fetches several at once (the header pass from a
+    cold cache was ~1.6x faster on the bench study). A warm scan gives no advice at all; without
+    ``RWF_NOWAIT`` every scan is advised ahead, and without ``posix_fadvise`` nothing is.
     """
 
     def __init__(self, files: list[Path], n: int) -> None:
         self.files, self.n = files, n
         self.index = 0  # the file being read
         self.advised = 0  # files[:advised] were advised
-        can_advise = hasattr(os, "posix_fadvise")
-        self.nowait = NOWAIT_FLAG if can_advise else 0
-        self.cold = can_advise and not self.nowait  # advise ahead before each read
-        self.misses = 0  # heads in a row that missed the page cache
-        self.buf = bytearray(HEAD_BYTES) if self.nowait else bytearray()
+        self.can_advise = hasattr(os, "posix_fadvise")
+        self.reads = CacheFirstReads(self._advise_ahead, None if self.can_advise else 0)
+        self.buf = memoryview(bytearray(HEAD_BYTES))
 
     def read(self, fd: int, size: int) -> bytes:
-        if self.nowait:
-            try:
-                got = os.preadv(fd, [self.buf], 0, self.nowait)
-            except BlockingIOError:
-                got = -1
-            except OSError as exc:
-                if exc.errno not in NOWAIT_UNSUPPORTED:
-                    raise
-                got, self.misses = -1, COLD_AFTER_MISSES  # not supported here: plain reads, advised ahead
-            if got >= min(size, HEAD_BYTES):
-                self.misses = 0
-                return bytes(self.buf) if got == HEAD_BYTES else memoryview(self.buf)[:got].tobytes()
-            self.misses += 1
-            if self.misses >= COLD_AFTER_MISSES:
-                self.nowait, self.cold = 0, True
-        if self.cold:
-            self._advise_ahead()
-        return _pread(fd, HEAD_BYTES, 0)
+        if self.can_advise and not self.reads.nowait:
+            self._advise_ahead()  # cold: advise ahead before each read
+        got = self.reads.read_into(fd, self.buf, 0, min(size, HEAD_BYTES))
+        return self.buf[:got].tobytes()
 
     def _advise_ahead(self) -> None:
         end = min(len(self.files), self.index + 1 + self.n)

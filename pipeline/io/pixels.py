@@ -35,7 +35,7 @@ import pydicom
 from pydicom.uid import UID
 
 import pipeline.io  # noqa: F401  (pydicom configuration)
-from pipeline.io.discover import COLD_AFTER_MISSES, NOWAIT_UNSUPPORTED, SliceHeader
+from pipeline.io.discover import CacheFirstReads, SliceHeader
 
 log = logging.getLogger("osteoplan.io")
 
@@ -43,7 +43,6 @@ INT16_MIN, INT16_MAX = -32768, 32767
 LITTLE_ENDIAN_HOST = sys.byteorder == "little"  # native pixels are read straight into native int16
 NATIVE_THREADS = 2  # threads reading native files (more gained nothing on the 2-core bench machine)
 READ_AHEAD_FILES = 16  # native files each thread keeps open and advised ahead of the one it reads (once cold)
-NOWAIT_FLAG = getattr(os, "RWF_NOWAIT", 0)  # read what the page cache holds without waiting (Linux)
 
 
 @dataclass
@@ -144,7 +143,6 @@ def _read_native_files(slices: list[SliceHeader], groups: list[list[int]], buf: 
     results: list[tuple[list[int], str | None]] = []
     pending = iter(groups)
     ahead: deque[tuple[list[int], int | OSError]] = deque()
-    reader = _NativeReader()
 
     def top_up() -> None:
         while len(ahead) < READ_AHEAD_FILES:
@@ -153,7 +151,7 @@ def _read_native_files(slices: list[SliceHeader], groups: list[list[int]], buf: 
                 return
             ahead.append((ks, _open_advised(slices, ks)))
 
-    reader.on_miss = top_up
+    reader = CacheFirstReads(top_up)
     try:
         if not reader.nowait:
             top_up()  # no page-cache reads here: read ahead from the start
@@ -181,43 +179,6 @@ def _read_native_files(slices: list[SliceHeader], groups: list[list[int]], buf: 
             if not isinstance(fd, OSError):
                 os.close(fd)
     return results
-
-
-class _NativeReader:
-    """``read(fd, target, offset)``: fill ``target`` from ``offset``, the page cache first.
-
-    Each read is tried with ``RWF_NOWAIT``; the rest of a partial read (or the whole, after
-    ``BlockingIOError``) is read normally. After COLD_AFTER_MISSES reads in a row that missed
-    (a warm cache misses now and then: a page locked for a moment), or when ``RWF_NOWAIT`` is
-    not supported, ``on_miss`` is called once (the caller starts its read-ahead there) and
-    reads are plain from then on. Returns the number of bytes read, as ``preadv``.
-    """
-
-    def __init__(self) -> None:
-        self.nowait = NOWAIT_FLAG
-        self.misses = 0  # reads in a row that missed the page cache
-        self.on_miss = lambda: None
-
-    def read(self, fd: int, target: np.ndarray, offset: int) -> int:
-        if not self.nowait:
-            return os.preadv(fd, [target], offset)  # type: ignore[arg-type]
-        try:
-            got = os.preadv(fd, [target], offset, self.nowait)  # type: ignore[arg-type]
-        except BlockingIOError:
-            got = 0
-        except OSError as exc:
-            if exc.errno not in NOWAIT_UNSUPPORTED:
-                raise
-            got, self.misses = 0, COLD_AFTER_MISSES  # not supported here: read plainly, ahead, from now on
-        if got >= target.nbytes:
-            self.misses = 0
-            return got
-        self.misses += 1
-        if self.misses >= COLD_AFTER_MISSES:
-            self.nowait = 0
-            self.on_miss()
-        rest = memoryview(target).cast("B")[got:]
-        return got + os.preadv(fd, [rest], offset + got)
 
 
 def _open_plain(slices: list[SliceHeader], ks: list[int]) -> int | OSError:
@@ -253,15 +214,14 @@ def _is_fast(slices: list[SliceHeader], ks: list[int]) -> bool:
 
 
 def _read_native(fd: int, slices: list[SliceHeader], ks: list[int], buf: np.ndarray,
-                 overflow: dict[int, np.ndarray], reader: _NativeReader | None = None) -> None:
+                 overflow: dict[int, np.ndarray], reader: CacheFirstReads) -> None:
     """The slices ``ks`` of one open file: one ``preadv`` each into ``buf[k]`` (int16) or a scratch
     array (float32 ``buf``), then bits fixed and HU computed in place -- the same values as
     ``_fix_bits`` + ``_store_hu`` on a copy, without the copies."""
-    reader = reader or _NativeReader()
     for k in ks:
         s = slices[k]
         target = buf[k] if buf.dtype == np.int16 else np.empty((s.rows, s.cols), np.int16)
-        if reader.read(fd, target, int(s.pixel_offset)) != target.nbytes:
+        if reader.read_into(fd, memoryview(target).cast("B"), int(s.pixel_offset), target.nbytes) != target.nbytes:
             raise ValueError("pixel data shorter than Rows x Columns")
         raw = target.view(np.int16 if s.pixel_representation else np.uint16)
         _fix_bits_inplace(raw, s)
