@@ -660,17 +660,9 @@ class _RawView:
             if not raw:
                 continue
             keyword, dict_vr = _KEYWORD_OF[tag]
-            vr = vr or dict_vr
-            if vr in _STRUCT:
-                value = _parse_raw(raw, vr, True)
-                if value is not None:
-                    values[keyword] = value
-                continue
-            text = raw.decode("latin-1").strip("\x00 ")  # _parse_raw's text case, inlined (most elements)
-            if "\\" in text:
-                values[keyword] = [part.strip("\x00 ") for part in text.split("\\")]
-            elif text:
-                values[keyword] = text
+            value = _parse_raw(raw, vr or dict_vr, True)
+            if value is not None and value != "":
+                values[keyword] = value
         self.values = values
 
     def get(self, keyword: str, default: Any = None) -> Any:
