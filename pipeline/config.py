@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
-
-import yaml
 from typing import Literal
 
+import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from pipeline.errors import InputError
