@@ -184,7 +184,7 @@ def test_pread_reads_like_a_buffered_file(tmp_path, monkeypatch):
 
 def _general_paths(m) -> None:
     """Every speed path off: pydicom reads every header, pydicom's decoders every pixel file."""
-    m.setattr(discover, "_read_fast", lambda fh, head, size: None)
+    m.setattr(discover, "_read_fast", lambda fh, head, size, memo=None: None)
     m.setattr(pixels, "_is_fast", lambda slices, ks: False)
     m.setattr(discover, "NOWAIT_FLAG", 0)  # the header pass and the pixel reads
 

@@ -47,7 +47,8 @@ from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.uid import UID
 
 import pipeline.io  # noqa: F401  (pydicom configuration)
-from pipeline.io.fastheader import HEAD_BYTES, Fallback, read_raw_header
+from pipeline.io.fastheader import HEAD_BYTES, Fallback, RawHeader, read_raw_header
+from pipeline.io.layout import Layout, LayoutMemo
 
 log = logging.getLogger("osteoplan.io")
 
@@ -202,18 +203,23 @@ def _walk_files(top: str, out: list[Path]) -> None:
             _walk_files(sub, out)
 
 
-def scan_files(files: Iterable[Path]) -> Scan:
-    """Read the header of every file; sort results into images, other objects and skipped files."""
+def scan_files(files: Iterable[Path], on_slice: Callable[[SliceHeader], None] | None = None) -> Scan:
+    """Read the header of every file; sort results into images, other objects and skipped files.
+
+    ``on_slice`` is called with every image slice as soon as its header is read
+    (``pipeline.io.prefault`` uses it).
+    """
     scan = Scan()
     files = [f if isinstance(f, Path) else Path(f) for f in files]
     heads = _HeadReads(files, READ_AHEAD_FILES)
+    memo = LayoutMemo()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for index, path in enumerate(files):
             scan.n_files += 1
             heads.index = index
             try:
-                result = _read_header(path, True, heads)
+                result = _read_header(path, True, heads, memo)
             except _Skip as exc:
                 scan.skipped[str(exc)] += 1
                 continue
@@ -225,6 +231,9 @@ def scan_files(files: Iterable[Path]) -> Scan:
                 scan.others.append(result)
             else:
                 scan.slices.extend(result)
+                if on_slice is not None:
+                    for s in result:
+                        on_slice(s)
     if scan.skipped:
         log.info("skipped %d of %d files: %s", sum(scan.skipped.values()), scan.n_files, scan.skipped_summary())
     return scan
@@ -343,6 +352,7 @@ class _Parsed:
     pixel_pos: int
     pixel_head: bytes
     fast_encoding: tuple[bool, bool, str] | None = None  # the fast reader's (implicit, little, ts)
+    layout: Layout | None = None  # the layout the fast reader read it by, if any
 
     def encoding(self) -> tuple[bool, bool, str]:
         """(implicit VR, little endian, transfer syntax UID); pydicom's are decoded only when asked."""
@@ -365,8 +375,8 @@ def read_header(path: Path, fast: bool = True) -> list[SliceHeader] | OtherObjec
     return _read_header(Path(path), fast, None)
 
 
-def _read_header(path: Path, fast: bool,
-                 heads: _HeadReads | None) -> list[SliceHeader] | OtherObject:
+def _read_header(path: Path, fast: bool, heads: _HeadReads | None,
+                 memo: LayoutMemo | None = None) -> list[SliceHeader] | OtherObject:
     try:
         size = os.stat(path).st_size
     except OSError:
@@ -379,12 +389,14 @@ def _read_header(path: Path, fast: bool,
         kind = _sniff(head[:132])
         if kind is None:
             raise _Skip("non-DICOM files")
-        parsed = _read_fast(_FdFile(fd), head, size) if (fast and kind) else None
+        parsed = _read_fast(_FdFile(fd), head, size, memo) if (fast and kind) else None
         if parsed is None:
             with open(fd, "rb", closefd=False) as fh:
                 parsed = _read_pydicom(fh, kind)
     finally:
         os.close(fd)
+    if parsed.layout is not None:
+        return _from_layout(path, size, parsed, parsed.layout)
     return _from_parsed(path, size, parsed)
 
 
@@ -419,16 +431,24 @@ class _FdFile:
         return data
 
 
-def _read_fast(fh: BinaryIO, head: bytes, size: int) -> _Parsed | None:
+def _read_fast(fh: BinaryIO, head: bytes, size: int, memo: LayoutMemo | None = None) -> _Parsed | None:
     """The fast reader's result, or None when the file is for pydicom (any doubt, any error).
 
     The kept elements are decoded by the same ``_parse_raw`` as pydicom's raw elements, so both
     readers give identical SliceHeaders. Multi-frame images and files holding a sequence the
-    loader reads (functional groups, DICOMDIR records) go to pydicom.
+    loader reads (functional groups, DICOMDIR records) go to pydicom. With a ``memo`` (one per
+    header pass), a file that follows the layout of an earlier one is read by that layout
+    (:mod:`pipeline.io.layout`: the same result), and the values that do not vary across the
+    series are decoded once.
     """
     try:
-        raw = read_raw_header(fh, head, size, _WANTED_TAGS)
-        view = _RawView(raw.elements)
+        raw = memo.read(head, _WANTED_TAGS) if memo is not None else None
+        if raw is None:
+            trace: list[int] | None = [] if memo is not None else None
+            raw = read_raw_header(fh, head, size, _WANTED_TAGS, trace)
+            if memo is not None and trace is not None:
+                memo.learn(head, trace, raw, _WANTED_TAGS)
+        view = _view(raw)
         if any(tag in raw.elements for tag in _SEQUENCE_TAGS) or (_int(view, "NumberOfFrames") or 1) > 1:
             return None
     except Fallback as exc:
@@ -437,7 +457,7 @@ def _read_fast(fh: BinaryIO, head: bytes, size: int) -> _Parsed | None:
     except Exception as exc:  # noqa: BLE001 - never trust a surprise: pydicom decides
         log.debug("fast header reader failed (%s); header read by pydicom", type(exc).__name__)
         return None
-    return _Parsed(view, None, raw.pixel_pos, raw.pixel_head, (raw.implicit, True, raw.transfer_syntax))
+    return _Parsed(view, None, raw.pixel_pos, raw.pixel_head, (raw.implicit, True, raw.transfer_syntax), raw.layout)
 
 
 def _read_pydicom(fh: BinaryIO, kind: bool) -> _Parsed:
@@ -508,6 +528,43 @@ def _from_parsed(path: Path, size: int, parsed: _Parsed) -> list[SliceHeader] | 
     common.update(geo)
     common["frame"], common["pixel_offset"] = None, pixel_offset
     return [_slice_header(common)]
+
+
+# The keywords that may vary between the files of one layout while the SliceHeaders' other fields
+# stay those of the layout's first file (see _from_layout); each maps to one field.
+_PER_SLICE_KEYWORDS = frozenset({"SOPInstanceUID", "ImagePositionPatient", "InstanceNumber", "AcquisitionNumber"})
+
+
+def _from_layout(path: Path, size: int, parsed: _Parsed, layout: Layout) -> list[SliceHeader] | OtherObject:
+    """``_from_parsed`` for a file read by a layout (:mod:`pipeline.io.layout`): the same result.
+
+    The elements a layout does not vary have the same values in all its files, so every field
+    but the per-slice ones (path, SOP instance UID, position, instance and acquisition numbers,
+    pixel offset) is that of the first file read by the layout. Those are computed here as
+    ``_from_parsed`` computes them; any doubt (other elements varying, a position that is not 3
+    finite numbers, a pixel offset that fails the size checks, no template yet) and the file
+    goes through ``_from_parsed`` itself.
+    """
+    template = layout.slice_cache
+    if template is None:
+        result = _from_parsed(path, size, parsed)
+        if isinstance(result, list) and len(result) == 1 and result[0].pixel_offset is not None \
+                and _PER_SLICE_KEYWORDS.issuperset(_KEYWORD_OF[t][0] for t in layout.varying_tags):
+            layout.slice_cache = result[0].__dict__
+        return result
+    ds = parsed.ds
+    implicit, little, ts = parsed.encoding()
+    ipp = _floats(ds.get("ImagePositionPatient"), 3)
+    pixel_offset = _native_offset(parsed.pixel_head, parsed.pixel_pos, implicit, little, ts)
+    expected = (template["rows"] * template["cols"] * template["samples_per_pixel"] * template["bits_allocated"] + 7) // 8
+    if ipp is None or not all(map(math.isfinite, ipp)) or max(abs(v) for v in ipp) > 1e7 or pixel_offset is None \
+            or _declared_length(parsed.pixel_head, implicit) < expected or size < pixel_offset + expected:
+        return _from_parsed(path, size, parsed)
+    fields = dict(template)
+    fields.update(path=path, sop_uid=str(ds.get("SOPInstanceUID", "") or ""), ipp=tuple(ipp),
+                  instance_number=_int(ds, "InstanceNumber"), acquisition_number=_int(ds, "AcquisitionNumber"),
+                  pixel_offset=pixel_offset)
+    return [_slice_header(fields)]
 
 
 def _frames(ds: Dataset, header: _Header, common: dict[str, Any], offset: int | None,
@@ -650,13 +707,17 @@ class _RawView:
 
     Only HEADER_TAGS keywords can be asked for (the fast reader keeps nothing else); the
     sequences among them never reach this view (such files are read by pydicom). Every kept
-    element is decoded once, up front (the loader asks for nearly all of them).
+    element is decoded once, up front (the loader asks for nearly all of them). ``base``: the
+    values already decoded for the elements not in ``tags`` (the same bytes in every file of a
+    layout, :func:`_view`); only ``tags`` are decoded then.
     """
 
-    def __init__(self, elements: dict[int, tuple[str | None, bytes]]) -> None:
+    def __init__(self, elements: dict[int, tuple[str | None, bytes]], base: dict[str, Any] | None = None,
+                 tags: Iterable[int] | None = None) -> None:
         self.elements = elements
-        values: dict[str, Any] = {}  # keyword -> decoded value (absent: absent or empty)
-        for tag, (vr, raw) in elements.items():
+        values: dict[str, Any] = dict(base) if base else {}  # keyword -> decoded value (absent: absent or empty)
+        for tag in elements if tags is None else tags:
+            vr, raw = elements[tag]
             if not raw:
                 continue
             keyword, dict_vr = _KEYWORD_OF[tag]
@@ -670,6 +731,16 @@ class _RawView:
 
     def __contains__(self, keyword: str) -> bool:
         return keyword in self.values
+
+
+def _view(raw: RawHeader) -> _RawView:
+    """The keyword view of a fast read; the elements a layout does not vary are decoded once per layout."""
+    layout = raw.layout
+    if layout is None:
+        return _RawView(raw.elements)
+    if layout.view_cache is None:
+        layout.view_cache = _RawView(layout.stable).values
+    return _RawView(raw.elements, layout.view_cache, layout.varying_tags)
 
 
 def _parse_raw(value: bytes | None, vr: str, little: bool) -> Any:

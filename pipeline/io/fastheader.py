@@ -48,7 +48,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import pydicom.config
 import pydicom.uid
@@ -95,6 +95,7 @@ class RawHeader:
     transfer_syntax: str
     pixel_pos: int  # offset of the pixel data element's tag; the file size when there is none
     pixel_head: bytes  # the 12 bytes at pixel_pos (b"" when there is no pixel data)
+    layout: Any = None  # the pipeline.io.layout.Layout it was read by (None: walked element by element)
 
 
 class _Window:
@@ -116,19 +117,24 @@ class _Window:
         return self.data, 0
 
 
-def read_raw_header(fh: BinaryIO, head: bytes, size: int, wanted: frozenset[int]) -> RawHeader:
+def read_raw_header(fh: BinaryIO, head: bytes, size: int, wanted: frozenset[int],
+                    trace: list[int] | None = None) -> RawHeader:
     """The wanted elements of a Part-10 file; ``head`` = its first bytes, ``size`` = its length.
 
-    Raises :class:`Fallback` for anything not handled (see the module docstring).
+    Raises :class:`Fallback` for anything not handled (see the module docstring). ``trace``, when
+    given, receives where each top-level element starts: the file meta elements, then -1, then the
+    data set's elements (``pipeline.io.layout`` learns a series' layout from it).
     """
     if len(head) < 132 or head[128:132] != b"DICM":
         raise Fallback("no DICM marker")
     src = _Window(fh, head, size)
-    meta, start = _walk(src, 132, False, _META_TAGS, meta=True)
+    meta, start = _walk(src, 132, False, _META_TAGS, meta=True, trace=trace)
     _check_meta_vrs(meta)
     ts, implicit = _transfer_syntax(meta)
     _check_first_element(src, start, implicit)
-    elements, pixel_pos = _walk(src, start, implicit, _with_charset(wanted), meta=False)
+    if trace is not None:
+        trace.append(-1)
+    elements, pixel_pos = _walk(src, start, implicit, _with_charset(wanted), meta=False, trace=trace)
     _check_charset(elements.pop(CHARSET_TAG, None))
     pixel_head = b""
     if pixel_pos < size:
@@ -187,12 +193,13 @@ def _check_first_element(src: _Window, pos: int, implicit: bool) -> None:
 
 
 def _walk(src: _Window, pos: int, implicit: bool, wanted: frozenset[int],
-          meta: bool) -> tuple[dict[int, tuple[str | None, bytes]], int]:
+          meta: bool, trace: list[int] | None = None) -> tuple[dict[int, tuple[str | None, bytes]], int]:
     """Walk elements from ``pos``; return the wanted ones and where the walk stopped.
 
     ``meta``: the file meta group, which ends at the first element of another group. Otherwise
     the data set, which ends at the pixel data (or exactly at the end of the file). The loop
-    works on the current window's bytes and asks ``src`` for more only past its end.
+    works on the current window's bytes and asks ``src`` for more only past its end. ``trace``
+    receives the start of every element walked (not of the one the walk stops at).
     """
     size = src.size
     data, base = src.data, src.base
@@ -226,6 +233,8 @@ def _walk(src: _Window, pos: int, implicit: bool, wanted: frozenset[int],
         if tag <= prev or group == 0xFFFE:
             raise Fallback("elements out of order or repeated, or an item tag at the top level")
         prev = tag
+        if trace is not None:
+            trace.append(pos)
         if not implicit:
             header = _HEADER_SIZE.get(raw_vr, 0)
             if header == 12:
