@@ -40,8 +40,7 @@ from pipeline.io.geometry import (
     positions_along,
     tilt_degrees,
 )
-from pipeline.io.pixels import decode_stack, integral_rescale
-from pipeline.io.prefault import Prefault
+from pipeline.io.pixels import decode_stack
 from pipeline.io.select import MIN_SLICES, Selection
 from pipeline.logs import anon
 from pipeline.types import DicomSource, Geometry, Volume
@@ -52,11 +51,8 @@ AIR_HU = -1024
 
 
 def build_volume(selection: Selection, scan: Scan, max_voxels: int, input_path: str = "",
-                 input_kind: str = "dicom", prefault: Prefault | None = None) -> Volume:
-    """Load the chosen stack of ``selection`` into a Volume (HU, LPS geometry, provenance).
-
-    ``prefault``: the header pass's reserved array, used for the pixels if it fits the stack.
-    """
+                 input_kind: str = "dicom") -> Volume:
+    """Load the chosen stack of ``selection`` into a Volume (HU, LPS geometry, provenance)."""
     stack = selection.chosen
     axes = stack.axes
     assert axes is not None  # guaranteed by choose_series
@@ -76,10 +72,7 @@ def build_volume(selection: Selection, scan: Scan, max_voxels: int, input_path: 
     n_est = max(len(slices), plan.n_out if plan is not None else 0)
     check_size((first.cols, first.rows, n_est), max_voxels)
 
-    out = None
-    if prefault is not None:
-        out = prefault.take(slices, np.dtype(np.int16) if integral_rescale(slices) else np.dtype(np.float32))
-    decoded = decode_stack(slices, out=out)
+    decoded = decode_stack(slices)
     buf = decoded.buf
     keep = np.ones(len(slices), dtype=bool)
     if decoded.failed:

@@ -28,7 +28,6 @@ from pipeline.errors import InputError
 from pipeline.io.dicom import build_volume
 from pipeline.io.discover import list_files, scan_files
 from pipeline.io.nifti import read_nifti
-from pipeline.io.prefault import Prefault
 from pipeline.io.select import choose_series
 from pipeline.io.zipin import extract_zip, is_zip
 from pipeline.types import Volume
@@ -65,15 +64,10 @@ def load_dicom_files(files: list[Path], series_uid: str | None = None,
                      max_voxels: int = DEFAULT_MAX_VOXELS) -> Volume:
     """Load the best (or the requested) CT series from an explicit list of files."""
     files = [Path(f) for f in files]
-    prefault = Prefault(len(files))  # the volume's pages faulted in on the other core meanwhile
-    try:
-        with quiet_pydicom():
-            scan = scan_files(files, prefault.saw)
-            selection = choose_series(scan, series_uid)
-            return build_volume(selection, scan, max_voxels, input_path=_common_root(files), input_kind="dicom",
-                                prefault=prefault)
-    finally:
-        prefault.stop()
+    with quiet_pydicom():
+        scan = scan_files(files)
+        selection = choose_series(scan, series_uid)
+        return build_volume(selection, scan, max_voxels, input_path=_common_root(files), input_kind="dicom")
 
 
 @contextmanager

@@ -60,18 +60,11 @@ def integral_rescale(slices: list[SliceHeader]) -> bool:
                for s in slices)
 
 
-def decode_stack(slices: list[SliceHeader], workers: int | None = None, out: np.ndarray | None = None) -> Decoded:
-    """Decode ``slices`` (all the same rows x cols) into one array of HU, slice k at ``buf[k]``.
-
-    ``out``: an array to decode into, used when its shape and dtype are the ones needed.
-    """
+def decode_stack(slices: list[SliceHeader], workers: int | None = None) -> Decoded:
+    """Decode ``slices`` (all the same rows x cols) into one array of HU, slice k at ``buf[k]``."""
     rows, cols = slices[0].rows, slices[0].cols
     dtype = np.int16 if integral_rescale(slices) else np.float32
-    shape = (len(slices), rows, cols)
-    if out is not None and out.shape == shape and out.dtype == dtype and out.flags.c_contiguous:
-        buf = out
-    else:
-        buf = np.empty(shape, dtype=dtype)
+    buf = np.empty((len(slices), rows, cols), dtype=dtype)
     overflow: dict[int, np.ndarray] = {}
     by_file: dict[Path, list[int]] = {}
     for k, s in enumerate(slices):
