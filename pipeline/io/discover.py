@@ -203,12 +203,8 @@ def _walk_files(top: str, out: list[Path]) -> None:
             _walk_files(sub, out)
 
 
-def scan_files(files: Iterable[Path], on_slice: Callable[[SliceHeader], None] | None = None) -> Scan:
-    """Read the header of every file; sort results into images, other objects and skipped files.
-
-    ``on_slice`` is called with every image slice as soon as its header is read
-    (``pipeline.io.prefault`` uses it).
-    """
+def scan_files(files: Iterable[Path]) -> Scan:
+    """Read the header of every file; sort results into images, other objects and skipped files."""
     scan = Scan()
     files = [f if isinstance(f, Path) else Path(f) for f in files]
     heads = _HeadReads(files, READ_AHEAD_FILES)
@@ -231,9 +227,6 @@ def scan_files(files: Iterable[Path], on_slice: Callable[[SliceHeader], None] | 
                 scan.others.append(result)
             else:
                 scan.slices.extend(result)
-                if on_slice is not None:
-                    for s in result:
-                        on_slice(s)
     if scan.skipped:
         log.info("skipped %d of %d files: %s", sum(scan.skipped.values()), scan.n_files, scan.skipped_summary())
     return scan
@@ -535,36 +528,60 @@ def _from_parsed(path: Path, size: int, parsed: _Parsed) -> list[SliceHeader] | 
 _PER_SLICE_KEYWORDS = frozenset({"SOPInstanceUID", "ImagePositionPatient", "InstanceNumber", "AcquisitionNumber"})
 
 
+@dataclass(frozen=True)
+class _SliceTemplate:
+    """The SliceHeader fields of a layout's first image, and what the per-slice fields need."""
+
+    fields: dict[str, Any]
+    pixel_head: bytes  # its pixel data element's first 12 bytes (tag, VR, length)
+    header: int  # bytes from that element's tag to its values
+    nbytes: int  # bytes of pixel data the image needs
+    varying: frozenset[str]  # the per-slice keywords the layout varies
+
+
 def _from_layout(path: Path, size: int, parsed: _Parsed, layout: Layout) -> list[SliceHeader] | OtherObject:
     """``_from_parsed`` for a file read by a layout (:mod:`pipeline.io.layout`): the same result.
 
     The elements a layout does not vary have the same values in all its files, so every field
     but the per-slice ones (path, SOP instance UID, position, instance and acquisition numbers,
-    pixel offset) is that of the first file read by the layout. Those are computed here as
-    ``_from_parsed`` computes them; any doubt (other elements varying, a position that is not 3
-    finite numbers, a pixel offset that fails the size checks, no template yet) and the file
-    goes through ``_from_parsed`` itself.
+    pixel offset) is that of the first image read by the layout. Those are computed here as
+    ``_from_parsed`` computes them (the pixel offset and size checks from the same pixel data
+    element header as that image's); any doubt (other elements varying, another pixel data
+    element header, a position that is not 3 finite numbers, a file too short, no template yet)
+    and the file goes through ``_from_parsed`` itself.
     """
-    template = layout.slice_cache
+    template: _SliceTemplate | None = layout.slice_cache
     if template is None:
         result = _from_parsed(path, size, parsed)
+        varying = frozenset(_KEYWORD_OF[t][0] for t in layout.varying_tags)
         if isinstance(result, list) and len(result) == 1 and result[0].pixel_offset is not None \
-                and _PER_SLICE_KEYWORDS.issuperset(_KEYWORD_OF[t][0] for t in layout.varying_tags):
-            layout.slice_cache = result[0].__dict__
+                and varying <= _PER_SLICE_KEYWORDS:
+            first = result[0]
+            nbytes = (first.rows * first.cols * first.samples_per_pixel * first.bits_allocated + 7) // 8
+            layout.slice_cache = _SliceTemplate(first.__dict__, parsed.pixel_head, first.pixel_offset - parsed.pixel_pos,
+                                                nbytes, varying)
         return result
-    ds = parsed.ds
-    implicit, little, ts = parsed.encoding()
-    ipp = _floats(ds.get("ImagePositionPatient"), 3)
-    pixel_offset = _native_offset(parsed.pixel_head, parsed.pixel_pos, implicit, little, ts)
-    expected = (template["rows"] * template["cols"] * template["samples_per_pixel"] * template["bits_allocated"] + 7) // 8
-    if ipp is None or not all(map(math.isfinite, ipp)) or max(abs(v) for v in ipp) > 1e7 or pixel_offset is None \
-            or _declared_length(parsed.pixel_head, implicit) < expected or size < pixel_offset + expected:
+    pixel_offset = parsed.pixel_pos + template.header
+    if parsed.pixel_head != template.pixel_head or size < pixel_offset + template.nbytes:
         return _from_parsed(path, size, parsed)
-    fields = dict(template)
-    fields.update(path=path, sop_uid=str(ds.get("SOPInstanceUID", "") or ""), ipp=tuple(ipp),
-                  instance_number=_int(ds, "InstanceNumber"), acquisition_number=_int(ds, "AcquisitionNumber"),
-                  pixel_offset=pixel_offset)
-    return [_slice_header(fields)]
+    ds = parsed.ds
+    fields = template.fields.copy()  # the same keys in the same order as SliceHeader's fields
+    fields["path"], fields["pixel_offset"] = path, pixel_offset
+    for keyword in template.varying:
+        if keyword == "ImagePositionPatient":
+            ipp = _floats(ds.get(keyword), 3)
+            if ipp is None or not all(map(math.isfinite, ipp)) or max(map(abs, ipp)) > 1e7:
+                return _from_parsed(path, size, parsed)
+            fields["ipp"] = tuple(ipp)
+        elif keyword == "SOPInstanceUID":
+            fields["sop_uid"] = str(ds.get(keyword, "") or "")
+        elif keyword == "InstanceNumber":
+            fields["instance_number"] = _int(ds, keyword)
+        else:
+            fields["acquisition_number"] = _int(ds, keyword)
+    obj = object.__new__(SliceHeader)
+    object.__setattr__(obj, "__dict__", fields)
+    return [obj]
 
 
 def _frames(ds: Dataset, header: _Header, common: dict[str, Any], offset: int | None,
@@ -707,15 +724,13 @@ class _RawView:
 
     Only HEADER_TAGS keywords can be asked for (the fast reader keeps nothing else); the
     sequences among them never reach this view (such files are read by pydicom). Every kept
-    element is decoded once, up front (the loader asks for nearly all of them). ``base``: the
-    values already decoded for the elements not in ``tags`` (the same bytes in every file of a
-    layout, :func:`_view`); only ``tags`` are decoded then.
+    element is decoded once, up front (the loader asks for nearly all of them); with ``tags``,
+    only those (:class:`_LayoutView`).
     """
 
-    def __init__(self, elements: dict[int, tuple[str | None, bytes]], base: dict[str, Any] | None = None,
-                 tags: Iterable[int] | None = None) -> None:
+    def __init__(self, elements: dict[int, tuple[str | None, bytes]], tags: Iterable[int] | None = None) -> None:
         self.elements = elements
-        values: dict[str, Any] = dict(base) if base else {}  # keyword -> decoded value (absent: absent or empty)
+        values: dict[str, Any] = {}  # keyword -> decoded value (absent: absent or empty)
         for tag in elements if tags is None else tags:
             vr, raw = elements[tag]
             if not raw:
@@ -733,14 +748,29 @@ class _RawView:
         return keyword in self.values
 
 
-def _view(raw: RawHeader) -> _RawView:
-    """The keyword view of a fast read; the elements a layout does not vary are decoded once per layout."""
-    layout = raw.layout
-    if layout is None:
-        return _RawView(raw.elements)
-    if layout.view_cache is None:
-        layout.view_cache = _RawView(layout.stable).values
-    return _RawView(raw.elements, layout.view_cache, layout.varying_tags)
+def _view(raw: RawHeader) -> _RawView | _LayoutView:
+    """The keyword view of a fast read (by a layout: :class:`_LayoutView`)."""
+    return _RawView(raw.elements) if raw.layout is None else _LayoutView(raw)
+
+
+class _LayoutView:
+    """The view of a file read by a layout: the values of the elements the layout does not vary
+    are decoded once per layout (the same bytes in all its files); only the varying ones here."""
+
+    def __init__(self, raw: RawHeader) -> None:
+        layout = raw.layout
+        if layout.view_cache is None:
+            keywords = frozenset(_KEYWORD_OF[tag][0] for tag in layout.varying_tags)
+            layout.view_cache = (_RawView(layout.stable).values, keywords)
+        self.elements = raw.elements
+        self.base, self.keywords = layout.view_cache
+        self.values = _RawView(raw.elements, layout.varying_tags).values  # the varying ones
+
+    def get(self, keyword: str, default: Any = None) -> Any:
+        return (self.values if keyword in self.keywords else self.base).get(keyword, default)
+
+    def __contains__(self, keyword: str) -> bool:
+        return keyword in (self.values if keyword in self.keywords else self.base)
 
 
 def _parse_raw(value: bytes | None, vr: str, little: bool) -> Any:
