@@ -81,6 +81,8 @@ class InferenceConfig(BaseModel):
     model: str = "osteoplan-spine"
     amp: bool = True
     threads: int = Field(0, ge=0, description="torch CPU threads; 0 = all cores")
+    fast_spacing_mm: float | None = Field(None, gt=0, le=10,
+                                          description="--fast model grid (isotropic, mm); None = the bundle's fast_spacing_mm")
     sliding_window: SlidingWindow = SlidingWindow()
     tta: TestTimeAugmentation = TestTimeAugmentation()
     class_offsets: ClassOffsets = ClassOffsets()

@@ -116,6 +116,8 @@ class StudyRunner:
             recs = plan_study(lesions, self.rules, intent=opts.intent)
         if not canal.found:
             volume.warnings.append("spinal canal not found: distances to the canal could not be measured")
+        if opts.fast:
+            volume.warnings.append(fast_mode_warning(seg.model.spacing_mm, self.segmenter.spacing))
         report = build_report(volume, seg, lesions, recs, canal, intent=opts.intent, timings=timer.timings,
                               fast=opts.fast, deidentify=opts.deidentify, rules=self.rules)
         key = volume.study_key
@@ -125,6 +127,17 @@ class StudyRunner:
         with timer.stage("write"):
             _write_outputs(study_dir, volume, seg, lesions, recs, canal, report, opts, timer, t_start, sources)
         return StudyResult(study_dir, report, volume, seg, lesions, recs)
+
+
+def fast_mode_warning(fast_mm: tuple[float, ...], default_mm: tuple[float, ...]) -> str:
+    """The report's note on a --fast run: what the coarser grid costs, and what to do."""
+    return (f"fast mode: segmented on a {_mm(fast_mm)} mm grid instead of {_mm(default_mm)} mm; small lesions can be "
+            "missed and distances are less exact (MODEL_CARD.md, 'Fast mode'); run without --fast before planning")
+
+
+def _mm(spacing: tuple[float, ...]) -> str:
+    values = sorted({round(float(s), 2) for s in spacing})
+    return "/".join(f"{v:g}" for v in values)
 
 
 def run_study(input_path: Path, output_root: Path, options: StudyOptions | None = None,

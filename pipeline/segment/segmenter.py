@@ -158,7 +158,10 @@ class Segmenter:
         self.resample_on_device = self.device.type != "cpu"
         md = bundle.metadata
         self.spacing = tuple(float(s) for s in md["target_spacing_mm"])
-        self.fast_spacing = tuple(float(s) for s in md.get("fast_spacing_mm", [2 * s for s in self.spacing]))
+        if self.config.fast_spacing_mm is not None:  # configs/inference.yaml: the site's choice
+            self.fast_spacing = (float(self.config.fast_spacing_mm),) * 3
+        else:
+            self.fast_spacing = tuple(float(s) for s in md.get("fast_spacing_mm", [2 * s for s in self.spacing]))
         self.roi = tuple(int(s) for s in md.get("inference_roi", md.get("patch_size", [96, 96, 96])))
         self.size_divisor = int(md.get("size_divisor", _size_divisor(md["network"])))
 

@@ -48,7 +48,7 @@ def export_bundle(cfg, state_dict: dict, history: list[dict], workdir: Path, ela
         "network": cfg.network,
         "labels": default_label_meta(),
         "target_spacing_mm": list(cfg.target_spacing_mm),
-        "fast_spacing_mm": list(cfg.fast_spacing_mm),
+        "fast_spacing_mm": list(cfg.inference_fast_spacing_mm or cfg.fast_spacing_mm),
         "orientation": "LPS",
         "intensity": cfg.intensity,
         "patch_size": list(cfg.patch_size),

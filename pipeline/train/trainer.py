@@ -102,7 +102,9 @@ class TrainConfig(BaseModel):
     version: str = "0.1.0"
     network: dict[str, Any]
     target_spacing_mm: tuple[float, float, float] = (1.5, 1.5, 1.5)
-    fast_spacing_mm: tuple[float, float, float] = (3.0, 3.0, 3.0)
+    fast_spacing_mm: tuple[float, float, float] = (3.0, 3.0, 3.0)  # the coarse share of the training phantoms
+    inference_fast_spacing_mm: tuple[float, float, float] | None = Field(
+        None, description="the bundle's --fast grid (metadata fast_spacing_mm); None = fast_spacing_mm")
     intensity: dict[str, Any] = Field(default_factory=lambda: {"clip": [-1000, 2000], "scale": 1000.0})
     patch_size: tuple[int, int, int] = (96, 96, 96)
     inference_roi: tuple[int, int, int] = (160, 160, 160)
