@@ -3,7 +3,9 @@
 
 Every mutated input is fed to ``pipeline.io.load.load_input``. The contract: it returns a Volume
 or raises an ``OsteoplanError`` (one clear line). Anything else -- another exception, a hang
-longer than ``--case-timeout`` seconds -- is a finding. Findings are grouped by exception type
+longer than ``--case-timeout`` seconds -- is a finding. For a DICOM folder, the header pass
+(fast readers, layouts shared across a series) must also equal pydicom reading each file alone;
+a difference is a finding (``HeaderMismatch``). Findings are grouped by exception type
 and the innermost project frame, printed, and (with ``--save DIR``) the offending inputs are kept.
 
 Usage:  python scripts/fuzz_ingest.py [--seconds 60] [--seed 0] [--max-cases N] [--save DIR]
@@ -36,6 +38,7 @@ if str(ROOT) not in sys.path:
 
 from pipeline.errors import OsteoplanError  # noqa: E402
 from pipeline.io.dicom_write import write_ct_series, write_enhanced_ct, write_localizer  # noqa: E402
+from pipeline.io.discover import list_files, scan_files  # noqa: E402
 from pipeline.io.load import load_input  # noqa: E402
 from pipeline.io.nifti import write_volume_nifti  # noqa: E402
 from pipeline.types import Geometry, Volume  # noqa: E402
@@ -58,6 +61,7 @@ class CaseTimeout(Exception):
 class FuzzReport:
     cases: int = 0
     loaded: int = 0
+    compared: int = 0  # DICOM folders whose header pass was compared with pydicom's
     refused: Counter = field(default_factory=Counter)  # exception class -> count
     messages: Counter = field(default_factory=Counter)  # refusal message with digits masked -> count
     findings: dict[str, list[str]] = field(default_factory=dict)  # signature -> [case ids]
@@ -159,6 +163,24 @@ def _prepare_case(base: Path, case_dir: Path, rng: random.Random) -> Path:
     return case_dir / "in"
 
 
+class HeaderMismatch(Exception):
+    """The header pass read a file otherwise than pydicom reading it alone."""
+
+
+def compare_headers(folder: Path) -> None:
+    """The header pass over ``folder`` (fast readers, layouts shared across a series) must equal
+    each file read alone by pydicom: the same slices field for field, objects and skip reasons."""
+    files = list_files(folder)
+    fast, ref = scan_files(files), scan_files(files, fast=False)
+    if repr(fast.others) != repr(ref.others) or fast.skipped != ref.skipped:
+        raise HeaderMismatch(f"objects or skips differ: {dict(fast.skipped)} vs pydicom {dict(ref.skipped)}")
+    if repr(fast.slices) != repr(ref.slices):
+        theirs = {repr(s) for s in ref.slices}
+        first = next((s for s in fast.slices if repr(s) not in theirs), None)
+        raise HeaderMismatch(f"slices differ ({len(fast.slices)} vs {len(ref.slices)}), first: "
+                             f"{first.path.name if first else '?'}")
+
+
 def _signature(exc: BaseException) -> str:
     frames = traceback.extract_tb(exc.__traceback__)
     ours = [f for f in frames if "/pipeline/" in f.filename]
@@ -195,12 +217,16 @@ def run_fuzz(seconds: float = 60.0, seed: int = 0, max_cases: int | None = None,
                 try:
                     if use_alarm:
                         signal.setitimer(signal.ITIMER_REAL, case_timeout)
-                    vol = load_input(target, max_voxels=max_voxels)
-                    assert vol.array.shape == vol.geometry.shape
-                    report.loaded += 1
-                except OsteoplanError as exc:
-                    report.refused[type(exc).__name__] += 1
-                    report.messages[re.sub(r"[0-9][0-9.,]*", "#", str(exc))[:90]] += 1
+                    try:
+                        vol = load_input(target, max_voxels=max_voxels)
+                        assert vol.array.shape == vol.geometry.shape
+                        report.loaded += 1
+                    except OsteoplanError as exc:
+                        report.refused[type(exc).__name__] += 1
+                        report.messages[re.sub(r"[0-9][0-9.,]*", "#", str(exc))[:90]] += 1
+                    if target.is_dir():
+                        compare_headers(target)
+                        report.compared += 1
                 except BaseException as exc:  # noqa: BLE001 - anything else is a finding
                     if isinstance(exc, KeyboardInterrupt):
                         raise
@@ -232,7 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--case-timeout", type=float, default=20.0, help="seconds before a case counts as a hang")
     args = ap.parse_args(argv)
     rep = run_fuzz(args.seconds, args.seed, args.max_cases, args.save, args.case_timeout)
-    print(f"cases {rep.cases}: loaded {rep.loaded}, refused {dict(rep.refused)}, slowest {rep.slowest_s:.2f} s")
+    print(f"cases {rep.cases}: loaded {rep.loaded}, refused {dict(rep.refused)}, slowest {rep.slowest_s:.2f} s; "
+          f"header pass compared with pydicom on {rep.compared} folders")
     if args.verbose:
         for msg, n in rep.messages.most_common():
             print(f"  {n:5d}  {msg}")

@@ -26,20 +26,8 @@ from test_io_fastheader import _mutants_read_the_same, _nested_file
 
 def reference(files: list[Path]) -> tuple[str, str, Counter]:
     """What a scan should give: each file read alone by pydicom (slices, other objects, skips)."""
-    slices, others, skipped = [], [], Counter()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for path in files:
-            try:
-                result = read_header(path, fast=False)
-            except _Skip as exc:
-                skipped[str(exc)] += 1
-                continue
-            except Exception:  # noqa: BLE001 - as scan_files
-                skipped["unreadable DICOM header"] += 1
-                continue
-            (others.append(result) if isinstance(result, discover.OtherObject) else slices.extend(result))
-    return repr(slices), repr(others), skipped
+    scan = scan_files(files, fast=False)
+    return repr(scan.slices), repr(scan.others), scan.skipped
 
 
 @pytest.fixture

@@ -203,19 +203,24 @@ def _walk_files(top: str, out: list[Path]) -> None:
             _walk_files(sub, out)
 
 
-def scan_files(files: Iterable[Path]) -> Scan:
-    """Read the header of every file; sort results into images, other objects and skipped files."""
+def scan_files(files: Iterable[Path], fast: bool = True) -> Scan:
+    """Read the header of every file; sort results into images, other objects and skipped files.
+
+    ``fast=False`` reads each file alone with pydicom: the reference the fast readers (and their
+    layout reads across a series) must equal, used by the tests and ``scripts/fuzz_ingest.py``.
+    """
     scan = Scan()
     files = [f if isinstance(f, Path) else Path(f) for f in files]
-    heads = _HeadReads(files, READ_AHEAD_FILES)
-    memo = LayoutMemo()
+    heads = _HeadReads(files, READ_AHEAD_FILES) if fast else None
+    memo = LayoutMemo() if fast else None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for index, path in enumerate(files):
             scan.n_files += 1
-            heads.index = index
+            if heads is not None:
+                heads.index = index
             try:
-                result = _read_header(path, True, heads, memo)
+                result = _read_header(path, fast, heads, memo)
             except _Skip as exc:
                 scan.skipped[str(exc)] += 1
                 continue
