@@ -13,6 +13,7 @@ import os
 import shutil
 import time
 import uuid
+import weakref
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -117,17 +118,26 @@ def fake_load(study: Any, options: Any, max_voxels: int | None = None) -> Volume
         arr = np.asarray(img.dataobj, dtype=np.float32)
         geo = Geometry(arr.shape, (1.0, 1.0, 2.0), (0.0, 0.0, 0.0), np.eye(3))
         return Volume(arr, geo, None, input_path=str(study.input_path), input_kind="nifti")
-    files = list(study.files)
-    if study.kind == "zip":
-        import tempfile
+    if study.kind != "zip":
+        return _read_slices(study, list(study.files))
+    import tempfile
 
-        tmp = Path(tempfile.mkdtemp(prefix="batchzip-"))
+    tmp = Path(tempfile.mkdtemp(prefix="batchzip-"))
+    try:
         try:
             with zipfile.ZipFile(study.input_path) as zf:
                 zf.extractall(tmp)
         except zipfile.BadZipFile:
             raise InputError("the zip file is corrupt") from None
-        files = sorted(p for p in tmp.rglob("*") if p.is_file())
+        vol = _read_slices(study, sorted(p for p in tmp.rglob("*") if p.is_file()))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    weakref.finalize(vol, shutil.rmtree, str(tmp), True)  # as the real loader does
+    return vol
+
+
+def _read_slices(study: Any, files: list[Path]) -> Volume:
     slices = []
     for f in files:
         ds = pydicom.dcmread(f)
