@@ -10,7 +10,8 @@ Evaluation only: nothing here is ever used for training or tuning (see ../shared
 3. ``blds_lesion_patches`` 1, 2, 7, 8: the 10 spine lesion boxes (CSV centre + size, mm; the
    coordinate convention is checked against the NIfTI affines): a box is hit when a predicted
    lesion component has a voxel centre inside it; unmatched components are false positives.
-4. Phantoms never used for training (``write_samples(seed=999)``): Dice per class etc.
+4. Phantoms never used for training (``write_samples(seed=999)``): Dice per class etc., then the
+   same phantoms with ``--fast`` (lesions found, lesion Dice, distance error on its coarser grid).
 
 Prints every figure, writes ``out/evaluate/real_metrics.json`` and ``MODEL_CARD_snippet.md``.
 Skips with a clear message when ``../shared/data/real`` is absent.
@@ -235,12 +236,21 @@ def phantoms(runner, n: int, seed: int, out: Path) -> dict:
     with tempfile.TemporaryDirectory(prefix="osteoplan-eval-") as tmp:
         write_samples(Path(tmp), n=n, seed=seed)
         res = evaluate_folder(Path(tmp), runner=runner, output=out / "phantoms")
+        # --fast on the same phantoms: its coarser grid misses lesions, and users should know how many
+        fast = evaluate_folder(Path(tmp), runner=runner, fast=True, output=out / "phantoms-fast", quiet=True)
     s = res["summary"]
     dc, dl = s["classes"]["canal"]["dice_mean"], s["classes"]["lesion"]["dice_mean"]
     ok = (dc or 0) >= TARGETS["phantom_dice_canal"] and (dl or 0) >= TARGETS["phantom_dice_lesion"]
     _say(f"[phantoms] seed {seed}, n {n}: Dice canal {dc}, lesion {dl}, bone {s['classes']['bone']['dice_mean']} "
          f"(targets 0.90 / 0.75) -> {'PASS' if ok else 'FAIL'}")
-    return {"seed": seed, "n": n, "summary": s, "pass": bool(ok), "seconds": round(time.time() - t0, 1)}
+    fs = fast["summary"]
+    fd, fe = fs["detection"], fs.get("distance_error", {})
+    spacing = runner.segmenter.fast_spacing
+    _say(f"[phantoms] --fast ({spacing[0]:g} mm grid): {fd['detected']}/{fd['n_true']} lesions found "
+         f"(default {s['detection']['detected']}/{s['detection']['n_true']}), Dice lesion "
+         f"{fs['classes']['lesion']['dice_mean']}, mean distance error {fe.get('mean_abs_mm')} mm")
+    return {"seed": seed, "n": n, "summary": s, "pass": bool(ok), "seconds": round(time.time() - t0, 1),
+            "fast": {"spacing_mm": list(spacing), "summary": fs}}
 
 
 # --------------------------------------------------------------------------------------- snippet
@@ -286,6 +296,13 @@ def snippet(m: dict) -> str:
         if de:
             lines.append(f"| distance-to-canal error (detected lesions) | same | mean {f(de['mean_abs_mm'], 2)} mm "
                          f"({f(de['mean_abs_vox'], 2)} vox), max {f(de['max_abs_mm'], 2)} mm | – | – |")
+        fast = p.get("fast")
+        if fast:
+            fs, fd = fast["summary"], fast["summary"]["detection"]
+            fe = fs.get("distance_error", {})
+            lines.append(f"| `--fast` ({fast['spacing_mm'][0]:g} mm grid): lesions found; Dice lesion; mean distance "
+                         f"error | same | {fd['detected']}/{fd['n_true']}; {f(fs['classes']['lesion']['dice_mean'])}; "
+                         f"{f(fe.get('mean_abs_mm'), 2)} mm | – | – |")
     for k, v in m.get("skipped", {}).items():
         lines.append(f"| {k} | – | skipped: {v} | – | – |")
     return "\n".join(lines) + "\n"
