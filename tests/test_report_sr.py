@@ -114,6 +114,15 @@ def test_sr_observer_is_the_algorithm(written):
     assert set(case.volume.dicom.sop_instance_uids) <= evidence
 
 
+def test_sr_series_description_says_fast_mode(written):
+    from pipeline.report.sr import series_description
+
+    case, rep, _, tmp = written
+    assert hd.sr.srread(tmp / "sr.dcm").SeriesDescription == f"osteoplan measurements ({rh.MODEL.name})"
+    fast = series_description({**rep, "fast": True}, rh.MODEL.name)
+    assert fast.startswith("osteoplan FAST-mode measurements, preview only") and len(fast) <= 64
+
+
 @pytest.mark.skipif(not os.path.exists(rh.DCIODVFY), reason="dciodvfy (Debian dicom3tools) not installed")
 def test_sr_dciodvfy_no_errors(written):
     _, _, _, tmp = written

@@ -22,7 +22,9 @@ the primary procedure, one "Alternative option" per option, one "Planning flag" 
 and borderline (SCT Yes/No). Private values: code = the report.json term upper-cased.
 
 Values are exactly those of report.json (already rounded). The observer is the algorithm
-(device observer, UID derived from the model name, version and sha256).
+(device observer, UID derived from the model name, version and sha256). A ``--fast`` result says
+so in the series description, which PACS study lists show ("osteoplan FAST-mode measurements,
+preview only").
 """
 
 from __future__ import annotations
@@ -108,12 +110,18 @@ def build_sr(volume: Volume, seg: Segmentation, seg_ds: pydicom.Dataset, report:
         is_complete=True,
         is_final=False,
         is_verified=False,
-        series_description=f"osteoplan measurements ({seg.model.name})"[:64],
+        series_description=series_description(report, seg.model.name),
         coding_schemes=[hd.coding_schemes.CodingSchemeIdentificationItem(
             designator=PRIVATE_SCHEME, name="osteoplan planning terms",
             responsible_organization="osteoplan project", version=__version__)],
         specific_character_set=getattr(src, "SpecificCharacterSet", None) or "ISO_IR 192",
     )
+
+
+def series_description(report: dict[str, Any], model_name: str) -> str:
+    """What a PACS list shows for the SR: a --fast result says so (its grid misses small lesions)."""
+    mode = "FAST-mode measurements, preview only" if report.get("fast") else "measurements"
+    return f"osteoplan {mode} ({model_name})"[:64]
 
 
 def _no_lesion_group(report: dict[str, Any], algo: hd.sr.AlgorithmIdentification
