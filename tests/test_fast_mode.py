@@ -67,8 +67,14 @@ def test_fast_report_says_what_it_costs(shipped_model, tmp_path):
 
     torch.set_num_threads(min(2, torch.get_num_threads()))
     runner = StudyRunner(StudyOptions(device="cpu", formats=("json",)))
-    fast = runner.run(SAMPLE, tmp_path / "fast", StudyOptions(device="cpu", formats=("json",), fast=True)).report
+    result = runner.run(SAMPLE, tmp_path / "fast", StudyOptions(device="cpu", formats=("json", "seg", "sr"), fast=True))
+    fast = result.report
     assert fast["fast"] is True
     assert fast_mode_warning((2.0, 2.0, 2.0), (1.5, 1.5, 1.5)) in fast["warnings"]
+    # what a PACS list shows
+    import pydicom
+
+    assert "FAST-mode" in pydicom.dcmread(result.study_dir / "seg.dcm", stop_before_pixels=True).SeriesDescription
+    assert "FAST-mode" in pydicom.dcmread(result.study_dir / "sr.dcm").SeriesDescription
     default = runner.run(SAMPLE, tmp_path / "default", StudyOptions(device="cpu", formats=("json",))).report
     assert not any(w.startswith("fast mode") for w in default["warnings"])

@@ -75,6 +75,16 @@ def test_fast_seg_equals_highdicom_element_by_element(tmp_path, kind):
         _seg_frames_by_slice(slow, headers, case.volume.geometry) != {}
 
 
+def test_a_fast_mode_seg_says_so_on_both_paths(tmp_path):
+    case = rh.dicom_case(tmp_path, "HFS")
+    headers = read_source_headers(case.volume)
+    slow = build_seg(case.volume, case.seg, headers, fast=False, preview=True)
+    quick = build_seg(case.volume, case.seg, headers, fast=True, preview=True)
+    assert "osteoplan_frame_sources" in quick.__dict__
+    assert slow.SeriesDescription == quick.SeriesDescription == f"osteoplan FAST-mode SEG, preview only ({rh.MODEL.name})"
+    assert build_seg(case.volume, case.seg, headers).SeriesDescription == f"osteoplan SEG ({rh.MODEL.name})"
+
+
 def test_fast_seg_odd_frame_size_missing_segment_and_gaps(tmp_path):
     """Frames of 23x19 pixels (bits run across bytes), no canal at all, empty slices between."""
     case = rh.dicom_case(tmp_path, "FFS", shape=(23, 19, 9))

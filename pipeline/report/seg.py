@@ -286,12 +286,13 @@ def _as_hd_volume(labels: np.ndarray, geom: Geometry) -> hd.Volume:
 
 
 def build_seg(volume: Volume, seg: Segmentation, headers: list[pydicom.Dataset] | None = None,
-              fast: bool = True) -> hd.seg.Segmentation:
+              fast: bool = True, preview: bool = False) -> hd.seg.Segmentation:
     """The SEG dataset (not yet written). ``headers``: from ``read_source_headers`` (read if None).
 
     ``fast``: in the common case (single-frame sources matching the grid) the frames are encoded
     directly (``seg_frames``: the same file, ~5x faster); otherwise, or with ``fast=False``,
-    highdicom builds every frame.
+    highdicom builds every frame. ``preview``: the segmentation comes from ``--fast`` (its
+    coarser grid misses lesions), and the series description says so.
     """
     if not volume.geometry.same_grid(seg.geometry):
         raise ValueError("segmentation is not on the volume's grid")
@@ -303,29 +304,29 @@ def build_seg(volume: Volume, seg: Segmentation, headers: list[pydicom.Dataset] 
     if by_index and fast and max_label > 0:
         frames = label_frames(labels)
         try:
-            return _build_seg_fast(frames, seg, headers, n_segments)
+            return _build_seg_fast(frames, seg, headers, n_segments, preview)
         except seg_frames.NotApplicable as exc:
             log.info("SEG frames built by highdicom: %s", exc)
         except Exception as exc:  # noqa: BLE001 - any surprise: highdicom builds every frame, as before
             log.warning("direct SEG frame encoding failed (%s: %s); highdicom builds the frames",
                         type(exc).__name__, exc)
     pixels = label_frames(labels) if by_index else _as_hd_volume(labels, seg.geometry)
-    return _hd_segmentation(pixels, seg, headers, n_segments, omit_empty_frames=bool(labels.any()))
+    return _hd_segmentation(pixels, seg, headers, n_segments, omit_empty_frames=bool(labels.any()), preview=preview)
 
 
 def _build_seg_fast(frames: np.ndarray, seg: Segmentation, headers: list[pydicom.Dataset],
-                    n_segments: int) -> hd.seg.Segmentation:
+                    n_segments: int, preview: bool = False) -> hd.seg.Segmentation:
     """highdicom's SEG of a one-voxel copy of ``frames``, then the real frames put in (``seg_frames``)."""
     k = int(np.flatnonzero(frames.reshape(len(frames), -1).any(axis=1))[0])  # the first non-empty plane
     r, c = (int(v[0]) for v in np.nonzero(frames[k]))
     one = np.zeros_like(frames)
     one[k, r, c] = frames[k, r, c]
-    template = _hd_segmentation(one, seg, headers, n_segments, omit_empty_frames=True)
+    template = _hd_segmentation(one, seg, headers, n_segments, omit_empty_frames=True, preview=preview)
     return seg_frames.replace_frames(template, headers, frames, n_segments)
 
 
 def _hd_segmentation(pixels: np.ndarray | hd.Volume, seg: Segmentation, headers: list[pydicom.Dataset],
-                     n_segments: int, omit_empty_frames: bool) -> hd.seg.Segmentation:
+                     n_segments: int, omit_empty_frames: bool, preview: bool = False) -> hd.seg.Segmentation:
     src = headers[0]
     return hd.seg.Segmentation(
         source_images=headers,
@@ -343,15 +344,16 @@ def _hd_segmentation(pixels: np.ndarray | hd.Volume, seg: Segmentation, headers:
         content_description="osteoplan segmentation: spinal canal, metastasis, vertebra/bone"[:64],
         content_label="OSTEOPLAN",
         omit_empty_frames=omit_empty_frames,  # an all-empty map keeps its (empty) frames
-        series_description=f"osteoplan SEG ({seg.model.name})"[:64],
+        series_description=(f"osteoplan FAST-mode SEG, preview only ({seg.model.name})" if preview
+                            else f"osteoplan SEG ({seg.model.name})")[:64],
         content_qualification=hd.ContentQualificationValues.RESEARCH,
         specific_character_set=getattr(src, "SpecificCharacterSet", None) or "ISO_IR 192",
     )
 
 
 def write_seg(path: Path, volume: Volume, seg: Segmentation,
-              headers: list[pydicom.Dataset] | None = None) -> hd.seg.Segmentation:
+              headers: list[pydicom.Dataset] | None = None, preview: bool = False) -> hd.seg.Segmentation:
     """Write seg.dcm and return the dataset (the SR references its segments)."""
-    ds = build_seg(volume, seg, headers)
+    ds = build_seg(volume, seg, headers, preview=preview)
     seg_frames.save(ds, path)
     return ds

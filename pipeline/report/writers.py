@@ -113,7 +113,7 @@ def _write_all(outdir: Path, volume: Volume, seg: Segmentation, lesions: list[Le
                     warnings.append("seg.dcm frames are placed by position only: the analysed grid was "
                                     "resampled from the source images")
                 wait_for_warmup()  # rather than parse highdicom's tables a second time
-                seg_ds = write_seg(outdir / "seg.dcm", volume, seg, headers)
+                seg_ds = write_seg(outdir / "seg.dcm", volume, seg, headers, preview=bool(report.get("fast")))
                 if "seg" not in fmts:
                     warnings.append("seg.dcm written because sr.dcm references its segments")
             except Exception as exc:  # noqa: BLE001 - one failed writer must not lose the others
