@@ -97,6 +97,32 @@ def test_a_file_that_differs_elsewhere_is_read_as_it_is(tmp_path, layout_reads):
     assert by_path[files[8]].image_type == ("DERIVED", "SECONDARY") and by_path[files[8]].acquisition_number == 7
 
 
+def _big_header(files: list[Path], nbytes: int = 40000) -> None:
+    """A private element of ``nbytes`` in every file (Philips headers are ~50 KB): the header
+    runs past the first bytes read (fastheader.HEAD_BYTES)."""
+    for i, path in enumerate(files):
+        ds = pydicom.dcmread(path)
+        ds.private_block(0x2001, "OSTEOPLAN BIG", create=True).add_new(0x10, "OB", bytes([i % 7]) * nbytes)
+        ds.save_as(path)
+
+
+@pytest.mark.parametrize("ts", ["explicit", "implicit"])
+def test_headers_longer_than_the_first_read(tmp_path, layout_reads, ts):
+    from pipeline.io.fastheader import HEAD_BYTES
+
+    files = _series(tmp_path, "ct", 10, ts)
+    _big_header(files)
+    (s,) = read_header(files[0])
+    assert s.pixel_offset > HEAD_BYTES + 20000
+    assert_scan_same(files)
+    assert layout_reads["layout"] >= len(files) - 4
+    # mixed with a series of short headers, and one file of the long ones cut inside its header
+    short = _series(tmp_path, "short", 6, ts)
+    files[4].write_bytes(files[4].read_bytes()[:HEAD_BYTES + 5000])
+    mixed = [f for pair in zip(files, short) for f in pair] + files[6:]
+    assert_scan_same(mixed)
+
+
 def test_interleaved_series(tmp_path, layout_reads):
     a = _series(tmp_path, "a", 8)
     b = _series(tmp_path, "b", 7, ts="implicit")

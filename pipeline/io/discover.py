@@ -48,7 +48,7 @@ from pydicom.uid import UID
 
 import pipeline.io  # noqa: F401  (pydicom configuration)
 from pipeline.io.fastheader import HEAD_BYTES, Fallback, RawHeader, read_raw_header
-from pipeline.io.layout import Layout, LayoutMemo
+from pipeline.io.layout import MAX_HEADER_BYTES, Layout, LayoutMemo
 
 log = logging.getLogger("osteoplan.io")
 
@@ -440,11 +440,15 @@ def _read_fast(fh: BinaryIO, head: bytes, size: int, memo: LayoutMemo | None = N
     series are decoded once.
     """
     try:
-        raw = memo.read(head, _WANTED_TAGS) if memo is not None else None
+        raw = None
+        if memo is not None and memo.layouts:
+            head = _extend(fh, head, min(size, memo.head_bytes()))
+            raw = memo.read(head, _WANTED_TAGS)
         if raw is None:
             trace: list[int] | None = [] if memo is not None else None
             raw = read_raw_header(fh, head, size, _WANTED_TAGS, trace)
-            if memo is not None and trace is not None:
+            if memo is not None and trace is not None and memo.learning and len(raw.pixel_head) == 12:
+                head = _extend(fh, head, min(raw.pixel_pos + 12, MAX_HEADER_BYTES))  # the whole header
                 memo.learn(head, trace, raw, _WANTED_TAGS)
         view = _view(raw)
         if any(tag in raw.elements for tag in _SEQUENCE_TAGS) or (_int(view, "NumberOfFrames") or 1) > 1:
@@ -456,6 +460,14 @@ def _read_fast(fh: BinaryIO, head: bytes, size: int, memo: LayoutMemo | None = N
         log.debug("fast header reader failed (%s); header read by pydicom", type(exc).__name__)
         return None
     return _Parsed(view, None, raw.pixel_pos, raw.pixel_head, (raw.implicit, True, raw.transfer_syntax), raw.layout)
+
+
+def _extend(fh: BinaryIO, head: bytes, n: int) -> bytes:
+    """``head`` extended to the file's first ``n`` bytes (fewer at the end of the file)."""
+    if n <= len(head):
+        return head
+    fh.seek(len(head))
+    return head + fh.read(n - len(head))
 
 
 def _read_pydicom(fh: BinaryIO, kind: bool) -> _Parsed:

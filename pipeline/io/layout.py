@@ -31,6 +31,8 @@ from pipeline.io.fastheader import (_HEADER_SIZE, CHARSET_TAG, PIXEL_TAGS, TRANS
 
 MAX_LAYOUTS = 4  # series interleaved in one folder (a CT, its localizer, another reconstruction...)
 MAX_LEARNED_WITHOUT_USE = 8  # files walked in full in a row before the memo stops learning (no gain)
+MAX_HEADER_BYTES = 1 << 20  # a layout covers at most this much of a file (pixel data element included)
+HEAD_SLACK = 4096  # read this much past a layout's header: varying values may be longer in other files
 _U16 = struct.Struct("<H").unpack_from
 _U32 = struct.Struct("<I").unpack_from
 
@@ -161,6 +163,16 @@ class LayoutMemo:
         self.layouts: list[Layout] = []
         self.learned = 0  # layouts learned since one was last of use: past a few, stop learning
 
+    @property
+    def learning(self) -> bool:
+        """False once MAX_LEARNED_WITHOUT_USE layouts in a row were of no use (learn() does nothing)."""
+        return self.learned <= MAX_LEARNED_WITHOUT_USE
+
+    def head_bytes(self) -> int:
+        """How many first bytes of a file the known layouts need (0: none known). Headers longer
+        than the first read (Philips: ~50 KB of private elements) are read this far first."""
+        return max((layout.bounds[-1] + 12 for layout in self.layouts), default=-HEAD_SLACK) + HEAD_SLACK
+
     def read(self, head: bytes, wanted: frozenset[int]) -> RawHeader | None:
         for k, layout in enumerate(self.layouts):
             if layout.wanted is not wanted:
@@ -176,7 +188,7 @@ class LayoutMemo:
     def learn(self, head: bytes, trace: list[int], raw: RawHeader, wanted: frozenset[int]) -> None:
         """A file the fast reader walked in full (``trace`` from ``read_raw_header``): keep its layout,
         with the elements that differ from an earlier layout of the same structure marked varying."""
-        if self.learned > MAX_LEARNED_WITHOUT_USE or -1 not in trace or raw.pixel_pos + 12 > len(head):
+        if not self.learning or -1 not in trace or raw.pixel_pos + 12 > min(len(head), MAX_HEADER_BYTES):
             return
         group, elem = struct.unpack_from("<HH", head, raw.pixel_pos)
         if group << 16 | elem not in PIXEL_TAGS:
