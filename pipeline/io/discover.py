@@ -63,6 +63,7 @@ NO_POSITION = "CT images without ImagePositionPatient/ImageOrientationPatient"
 READ_AHEAD_FILES = 32  # header pass, cold cache: files whose first bytes are requested ahead of the one being read
 NOWAIT_FLAG = getattr(os, "RWF_NOWAIT", 0)  # read what the page cache holds without waiting (Linux)
 NOWAIT_UNSUPPORTED = (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS)  # what a kernel/file system without it says
+MAX_POSITION_MM = 1e7  # an ImagePositionPatient coordinate beyond this is not a position
 COLD_AFTER_MISSES = 2  # page-cache reads in a row that miss before a pass takes the cache for cold
 # Only these elements are parsed (pydicom skips the others' values): about 25 % faster on real headers.
 HEADER_TAGS = [
@@ -394,7 +395,7 @@ def _read_header(path: Path, fast: bool, heads: _HeadReads | None,
     finally:
         os.close(fd)
     if parsed.layout is not None:
-        return _from_layout(path, size, parsed, parsed.layout)
+        return _from_layout(path, size, parsed)
     return _from_parsed(path, size, parsed)
 
 
@@ -556,7 +557,7 @@ class _SliceTemplate:
     varying: frozenset[str]  # the per-slice keywords the layout varies
 
 
-def _from_layout(path: Path, size: int, parsed: _Parsed, layout: Layout) -> list[SliceHeader] | OtherObject:
+def _from_layout(path: Path, size: int, parsed: _Parsed) -> list[SliceHeader] | OtherObject:
     """``_from_parsed`` for a file read by a layout (:mod:`pipeline.io.layout`): the same result.
 
     The elements a layout does not vary have the same values in all its files, so every field
@@ -567,10 +568,12 @@ def _from_layout(path: Path, size: int, parsed: _Parsed, layout: Layout) -> list
     element header, a position that is not 3 finite numbers, a file too short, no template yet)
     and the file goes through ``_from_parsed`` itself.
     """
+    layout = parsed.layout
+    assert layout is not None and isinstance(parsed.ds, _LayoutView)
     template: _SliceTemplate | None = layout.slice_cache
     if template is None:
         result = _from_parsed(path, size, parsed)
-        varying = frozenset(_KEYWORD_OF[t][0] for t in layout.varying_tags)
+        varying = parsed.ds.keywords  # the keywords of the elements the layout varies
         if isinstance(result, list) and len(result) == 1 and result[0].pixel_offset is not None \
                 and varying <= _PER_SLICE_KEYWORDS:
             first = result[0]
@@ -587,7 +590,7 @@ def _from_layout(path: Path, size: int, parsed: _Parsed, layout: Layout) -> list
     for keyword in template.varying:
         if keyword == "ImagePositionPatient":
             ipp = _floats(ds.get(keyword), 3)
-            if ipp is None or not all(map(math.isfinite, ipp)) or max(map(abs, ipp)) > 1e7:
+            if ipp is None or not all(map(math.isfinite, ipp)) or max(map(abs, ipp)) > MAX_POSITION_MM:
                 return _from_parsed(path, size, parsed)
             fields["ipp"] = tuple(ipp)
         elif keyword == "SOPInstanceUID":
@@ -669,7 +672,7 @@ def _geometry(ds: Any, src: Any) -> dict[str, Any] | None:
         return None
     if not all(map(math.isfinite, iop + ipp + ps)) or min(ps) < 1e-3 or max(ps) > 1e3:
         raise _Skip("images with invalid geometry values")
-    if max(abs(v) for v in ipp) > 1e7:
+    if max(abs(v) for v in ipp) > MAX_POSITION_MM:
         raise _Skip("images with invalid geometry values")
     slope = _float(src.get("RescaleSlope")) if "RescaleSlope" in src else _float(ds.get("RescaleSlope"))
     intercept = _float(src.get("RescaleIntercept")) if "RescaleIntercept" in src else _float(ds.get("RescaleIntercept"))
