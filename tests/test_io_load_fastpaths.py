@@ -86,20 +86,26 @@ def _missing_preadv(miss: str, partial, calls: dict | None = None):
     return preadv
 
 
+def _spy(monkeypatch, module, name: str, record) -> list:
+    """``module.name`` still runs; the returned list gets ``record(*args)`` of each call."""
+    calls: list = []
+    real = getattr(module, name)
+
+    def spy(*args):
+        calls.append(record(*args))
+        return real(*args)
+
+    monkeypatch.setattr(module, name, spy)
+    return calls
+
+
 @pytest.mark.parametrize("miss", ["partial", "none cached", "unsupported"])
 def test_page_cache_misses_read_the_same(tmp_path, monkeypatch, miss):
     slices = _stack(tmp_path)
     want = reference(slices)
-    advised: list[int] = []
-    real_open_advised = pixels._open_advised
     preadv = _missing_preadv(miss, lambda target: memoryview(target).cast("B")[: target.nbytes // 2 + 1])
-
-    def open_advised(s, ks):
-        advised.append(ks[0])
-        return real_open_advised(s, ks)
-
     monkeypatch.setattr(os, "preadv", preadv)
-    monkeypatch.setattr(pixels, "_open_advised", open_advised)
+    advised = _spy(monkeypatch, pixels, "_open_advised", lambda s, ks: ks[0])
     for workers in (None, 1):
         advised.clear()
         got = decode_stack(slices, workers=workers)
@@ -139,13 +145,9 @@ def _mixed_folder(tmp_path) -> list[Path]:
 def test_header_pass_page_cache_misses_read_the_same(tmp_path, monkeypatch, miss):
     files = _mixed_folder(tmp_path)
     want = _scan_outcome(files)
-    advised: list[Path] = []
-    real_advise = discover._advise_head
     calls = {"nowait": 0}
-    preadv = _missing_preadv(miss, lambda target: memoryview(target)[:100], calls)
-
-    monkeypatch.setattr(os, "preadv", preadv)
-    monkeypatch.setattr(discover, "_advise_head", lambda p: advised.append(p) or real_advise(p))
+    monkeypatch.setattr(os, "preadv", _missing_preadv(miss, lambda target: memoryview(target)[:100], calls))
+    advised = _spy(monkeypatch, discover, "_advise_head", lambda p: p)
     assert _scan_outcome(files) == want
     read = [i for i, f in enumerate(files) if f.stat().st_size]  # the empty file is not read
     cold_at = read[0] if miss == "unsupported" else read[discover.COLD_AFTER_MISSES - 1]
