@@ -10,9 +10,9 @@ Rules (README "Input" copies them):
 - Uncompressed little-endian 16-bit data is read with one ``preadv`` per slice at the offset the
   header pass recorded, straight into the output array; bits are fixed and HU computed there in
   place (no intermediate copy; the int16 range is checked with only the min or max it needs).
-  Two threads share these files. Each reads from the page cache first
-  (``RWF_NOWAIT``); once files are not cached it keeps its next files open with their pixel
-  bytes advised (POSIX_FADV_WILLNEED), so a cold cache is read several files at a time. Anything else (JPEG
+  Two threads share these files. Each reads from the page cache first (``RWF_NOWAIT``); once
+  files are not cached it keeps its next files open with their pixel bytes advised
+  (POSIX_FADV_WILLNEED), so a cold cache is read several files at a time. Anything else (JPEG
   2000, JPEG-LS, RLE, big endian, 8/32-bit) goes through pydicom's decoders (pylibjpeg /
   openjpeg for JPEG 2000), spread over a small thread pool.
 - A file that fails to decode does not stop the load: its slices are reported as failed and the
@@ -135,9 +135,9 @@ def _read_native_files(slices: list[SliceHeader], groups: list[list[int]], buf: 
 
     Each file's pixel bytes are first read with ``RWF_NOWAIT`` (only what the page cache holds,
     never waiting on the disk): a warm study costs no advice at all. COLD_AFTER_MISSES files in a
-    row that miss switch this reader to read-ahead: from then on each file is opened READ_AHEAD_FILES before
-    it is read, with POSIX_FADV_WILLNEED on its pixel bytes, so a cold cache is read several files
-    at a time instead of one after the other. Only timing depends on the cache: the values and
+    row that miss switch this reader to read-ahead: from then on each file is opened
+    READ_AHEAD_FILES before it is read, with POSIX_FADV_WILLNEED on its pixel bytes, so a cold
+    cache is read several files at a time instead of one after the other. Only timing depends on the cache: the values and
     errors are the same.
     """
     results: list[tuple[list[int], str | None]] = []
