@@ -35,6 +35,7 @@ import pydicom
 from pydicom.uid import UID
 
 import pipeline.io  # noqa: F401  (pydicom configuration)
+from pipeline.io.arena import ARENA
 from pipeline.io.discover import CacheFirstReads, SliceHeader
 
 log = logging.getLogger("osteoplan.io")
@@ -64,7 +65,7 @@ def decode_stack(slices: list[SliceHeader], workers: int | None = None) -> Decod
     """Decode ``slices`` (all the same rows x cols) into one array of HU, slice k at ``buf[k]``."""
     rows, cols = slices[0].rows, slices[0].cols
     dtype = np.int16 if integral_rescale(slices) else np.float32
-    buf = np.empty((len(slices), rows, cols), dtype=dtype)
+    buf = ARENA.empty((len(slices), rows, cols), dtype)  # recycled memory of a volume no longer used
     overflow: dict[int, np.ndarray] = {}
     by_file: dict[Path, list[int]] = {}
     for k, s in enumerate(slices):
