@@ -376,14 +376,14 @@ def read_header(path: Path, fast: bool = True) -> list[SliceHeader] | OtherObjec
 
 def _read_header(path: Path, fast: bool, heads: _HeadReads | None,
                  memo: LayoutMemo | None = None) -> list[SliceHeader] | OtherObject:
-    try:
-        size = os.stat(path).st_size
-    except OSError:
+    try:  # O_NONBLOCK: a FIFO (size 0) must not block the open; reads of files are unaffected
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except (OSError, ValueError):
         raise _Skip("unreadable files") from None
-    if size == 0:
-        raise _Skip("empty files")
-    fd = os.open(path, os.O_RDONLY)
     try:
+        size = os.fstat(fd).st_size
+        if size == 0:
+            raise _Skip("empty files")
         head = heads.read(fd, size) if heads is not None else _pread(fd, HEAD_BYTES, 0)
         kind = _sniff(head[:132])
         if kind is None:

@@ -28,6 +28,7 @@ import warnings
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -67,9 +68,7 @@ def decode_stack(slices: list[SliceHeader], workers: int | None = None) -> Decod
     dtype = np.int16 if integral_rescale(slices) else np.float32
     buf = ARENA.empty((len(slices), rows, cols), dtype)  # recycled memory of a volume no longer used
     overflow: dict[int, np.ndarray] = {}
-    by_file: dict[Path, list[int]] = {}
-    for k, s in enumerate(slices):
-        by_file.setdefault(s.path, []).append(k)
+    groups = _file_groups(slices)
     failed: list[int] = []
     errors: list[str] = []
 
@@ -81,8 +80,10 @@ def decode_stack(slices: list[SliceHeader], workers: int | None = None) -> Decod
         except Exception as exc:  # noqa: BLE001 - one bad file must not stop the load
             return ks, _error_text(exc)
 
-    fast = [ks for ks in by_file.values() if _is_fast(slices, ks)]
-    slow = [ks for ks in by_file.values() if not _is_fast(slices, ks)]
+    fast: list[list[int]] = []
+    slow: list[list[int]] = []
+    for ks in groups:
+        (fast if _is_fast(slices, ks) else slow).append(ks)
     n_workers = workers or min(8, os.cpu_count() or 2)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -104,6 +105,23 @@ def decode_stack(slices: list[SliceHeader], workers: int | None = None) -> Decod
         for k, v in overflow.items():
             buf[k] = v
     return Decoded(buf, sorted(failed), errors)
+
+
+def _file_groups(slices: list[SliceHeader]) -> list[list[int]]:
+    """The slice indices of each file, in order of first appearance: the frames of a multi-frame
+    file are decoded together; a single-frame file is a group of its own (the same file listed
+    twice is read twice, with the same result as reading it once for both)."""
+    groups: list[list[int]] = []
+    frames: dict[Path, list[int]] = {}
+    for k, s in enumerate(slices):
+        if s.frame is None:
+            groups.append([k])
+        elif s.path in frames:
+            frames[s.path].append(k)
+        else:
+            frames[s.path] = [k]
+            groups.append(frames[s.path])
+    return groups
 
 
 def _error_text(exc: Exception) -> str:
@@ -244,12 +262,21 @@ def _fix_bits_inplace(raw: np.ndarray, s: SliceHeader) -> None:
         np.bitwise_and(raw, np.uint16((1 << s.bits_stored) - 1), out=raw)
 
 
-def _stored_range(s: SliceHeader) -> tuple[int, int]:
+def _stored_range(bits_stored: int, pixel_representation: int) -> tuple[int, int]:
     """The values a 16-bit stored pixel can take once its bits are fixed."""
-    bits = s.bits_stored if 0 < s.bits_stored < 16 else 16
-    if s.pixel_representation:
+    bits = bits_stored if 0 < bits_stored < 16 else 16
+    if pixel_representation:
         return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
     return 0, (1 << bits) - 1
+
+
+@lru_cache(maxsize=256)
+def _ends_fit(slope: int, intercept: int, bits_stored: int, pixel_representation: int) -> tuple[bool, bool]:
+    """Whether the lowest and the highest HU the stored range allows fit int16 (one answer per
+    rescale and encoding: a series has one or a few)."""
+    smin, smax = _stored_range(bits_stored, pixel_representation)
+    return (min(smin * slope, smax * slope) + intercept >= INT16_MIN,
+            max(smin * slope, smax * slope) + intercept <= INT16_MAX)
 
 
 def _overflows(raw: np.ndarray, slope: int, intercept: int, s: SliceHeader) -> bool:
@@ -258,9 +285,7 @@ def _overflows(raw: np.ndarray, slope: int, intercept: int, s: SliceHeader) -> b
     HU = v * slope + intercept is monotonic in v: when the stored range alone keeps one HU end
     inside int16, only the other end's stored extreme is needed; when it keeps both, none.
     """
-    smin, smax = _stored_range(s)
-    low_ok = min(smin * slope, smax * slope) + intercept >= INT16_MIN
-    high_ok = max(smin * slope, smax * slope) + intercept <= INT16_MAX
+    low_ok, high_ok = _ends_fit(slope, intercept, s.bits_stored, s.pixel_representation)
     if low_ok and high_ok:
         return False
     if high_ok:  # only the lowest HU can leave int16
