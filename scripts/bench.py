@@ -14,7 +14,8 @@ own process so that memory peaks and one-time costs stay apart:
   overlap 0.25, constant blending), Activationsd(softmax) -> Invertd -> AsDiscreted(argmax) on the
   original grid, then lesion-canal distances from a whole-volume ``distance_transform_edt``.
 - DICOM loading against reading the files' raw bytes (cold-ish: pages dropped with
-  posix_fadvise(DONTNEED) first; and warm).
+  posix_fadvise(DONTNEED) first; warm, the volume's memory recycled from the previous load as in
+  a batch worker or listener; and warm with fresh memory, as the first load of a process).
 - the distance stage against a whole-volume EDT on the same label map (the phantom's true labels,
   and the model's own labels when they hold lesions and a canal): same centre-to-centre distance
   within 0.01 mm, and the speed ratio.
@@ -56,6 +57,7 @@ TINY_SPACING = (2.2, 2.2, 3.0)  # "tiny" is for the smoke test only (generated h
 STAGES = ("load", "preprocess", "inference", "postprocess", "measure", "plan", "write")
 TARGETS = {"e2e_default_s": 45.0, "e2e_fast_s": 15.0, "speedup_vs_baseline": 3.0, "peak_rss_gb": 4.0,
            "distance_speedup": 20.0, "distance_tol_mm": 0.01, "load_vs_bytes": 2.0}
+IO_ROWS = ("cold", "warm", "warm_fresh")  # the bytes worker's rows (see worker_bytes)
 
 
 # --------------------------------------------------------------------------------------------
@@ -468,6 +470,7 @@ def _drop_cache(path: Path) -> bool:
 
 def worker_bytes(args: argparse.Namespace) -> dict[str, Any]:
     """Raw bytes of every file vs our load stage, cold-ish (pages dropped first) and warm."""
+    from pipeline.io.arena import ARENA, DEFAULT_SLOTS
     from pipeline.io.load import load_input
 
     data = BenchData(**{k: Path(v) for k, v in json.loads(args.data).items()})
@@ -486,8 +489,9 @@ def worker_bytes(args: argparse.Namespace) -> dict[str, Any]:
         return all([_drop_cache(p) for p in files])
 
     out: dict[str, Any] = {"files": len(files), "bytes": nbytes}
-    for label in ("cold", "warm"):
+    for label in IO_ROWS:
         results: dict[str, list[float]] = {"bytes_s": [], "load_s": [], "load_cpu_s": []}
+        ARENA.slots = 0 if label == "warm_fresh" else DEFAULT_SLOTS  # fresh: as the first load of a process
         for _ in range(args.repeat_io):
             if label == "cold":
                 out["dropped"] = drop()
@@ -501,6 +505,7 @@ def worker_bytes(args: argparse.Namespace) -> dict[str, Any]:
             results["load_s"].append(time.perf_counter() - w)
             results["load_cpu_s"].append(time.process_time() - c)
             del vol
+        ARENA.slots = DEFAULT_SLOTS
         out[label] = {k: round(min(v), 4) for k, v in results.items()}
         out[label]["ratio"] = round(out[label]["load_s"] / max(out[label]["bytes_s"], 1e-9), 2)
     out["loadavg"] = [round(x, 2) for x in os.getloadavg()]
@@ -784,9 +789,13 @@ def build_report(results: dict[str, Any], args: argparse.Namespace) -> tuple[str
         lines.append(f"DICOM load vs raw bytes ({io['files']} files, {io['bytes'] / 1e6:.0f} MB; cold-ish = pages"
                      f" dropped with posix_fadvise first{'' if io.get('dropped') else ', drop NOT confirmed'}):")
         lines.append("")
+        lines.append("(warm = files in the page cache, the volume's memory recycled from the previous load as in a"
+                     " batch worker or listener; warm_fresh = the same with fresh memory, as the first load of a"
+                     " process)")
+        lines.append("")
         lines.append("| | read bytes s | our load s (CPU s) | ratio |")
         lines.append("|---|---|---|---|")
-        for label in ("cold", "warm"):
+        for label in (x for x in IO_ROWS if x in io):
             d = io[label]
             lines.append(f"| {label} | {d['bytes_s']:.3f} | {d['load_s']:.3f} ({d['load_cpu_s']:.3f}) | {d['ratio']}x |")
     elif "bytes" in results:
@@ -831,6 +840,9 @@ def build_report(results: dict[str, Any], args: argparse.Namespace) -> tuple[str
             io["cold"]["ratio"] <= TARGETS["load_vs_bytes"])
         verdict[f"DICOM load within {TARGETS['load_vs_bytes']:.0f}x of reading the bytes (warm)"] = (
             io["warm"]["ratio"] <= TARGETS["load_vs_bytes"])
+        if "warm_fresh" in io:
+            verdict[f"DICOM load within {TARGETS['load_vs_bytes']:.0f}x of reading the bytes (warm, fresh memory)"] = (
+                io["warm_fresh"]["ratio"] <= TARGETS["load_vs_bytes"])
     lines.append("")
     lines.append("Targets:" if args.size == "full" and not args.device.startswith("cuda") else
                  "Targets (defined for --size full on the CPU; shown for information only):")

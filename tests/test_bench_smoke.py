@@ -59,12 +59,15 @@ def test_distance_worker_agrees_with_the_whole_volume_edt(tiny):
     assert len(truth["centre_mm"]) == len(truth["edt_mm"]) == truth["lesions"]
 
 
-def test_bytes_worker_reports_both_cache_states(tiny):
+def test_bytes_worker_reports_cache_and_memory_states(tiny):
+    from pipeline.io.arena import ARENA, DEFAULT_SLOTS
+
     _, data = tiny
     out = bench.worker_bytes(_ns(data))
     assert out["files"] >= 28 and out["bytes"] > 0
-    for label in ("cold", "warm"):
+    for label in ("cold", "warm", "warm_fresh"):
         assert out[label]["load_s"] > 0 and out[label]["bytes_s"] > 0 and out[label]["ratio"] > 0
+    assert ARENA.slots == DEFAULT_SLOTS  # the fresh-memory row turned recycling back on
 
 
 def test_probe_attributes_stage_peaks():
