@@ -93,3 +93,35 @@ def test_two_studies_loaded_in_turn_keep_their_own_values(tmp_path):
     assert ARENA.reused == reused_before + 1 and _address(a2.array) == a_address
     np.testing.assert_array_equal(a2.array, expected_a)
     np.testing.assert_array_equal(b.array, expected_b)
+
+
+def test_prefetched_loads_hold_their_own_values_while_earlier_volumes_come_and_go(tmp_path):
+    """As in a batch worker: a thread loads ahead (depth 2) while the consumer holds one volume,
+    keeps some and lets others go; every volume keeps exactly its own study's values."""
+    from pipeline.batch.prefetch import Prefetcher
+
+    g = geometry(shape=(16, 12, 9))
+    folders, truth = [], []
+    for i in range(7):
+        hu = random_hu(g.shape, 10 + i)
+        write_ct_series(hu, g, tmp_path / f"s{i}", file_names="random", seed=i)
+        folders.append(tmp_path / f"s{i}")
+    ARENA.slots = 0
+    try:
+        truth = [load_input(f).array.copy() for f in folders]  # fresh memory each: the reference
+    finally:
+        ARENA.slots = 4
+    ARENA.clear()
+    kept = []
+    reused_before = ARENA.reused
+    with Prefetcher(folders, load_input, depth=2) as loads:
+        for i, loaded in enumerate(loads):
+            assert loaded.error is None
+            np.testing.assert_array_equal(loaded.value.array, truth[i])
+            if i % 3 == 0:
+                kept.append((i, loaded.value))  # held to the end
+            del loaded
+            gc.collect()
+            for j, vol in kept:
+                np.testing.assert_array_equal(vol.array, truth[j])
+    assert ARENA.reused > reused_before  # memory was recycled along the way
