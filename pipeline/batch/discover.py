@@ -2,8 +2,11 @@
 
 * DICOM files are grouped by StudyInstanceUID (and, inside a study, by SeriesInstanceUID),
   however the folders are arranged: one folder per study, one folder per series, two studies
-  mixed in one folder, or everything flat. Only headers are read
-  (``stop_before_pixels`` + ``specific_tags``); files that are not DICOM are skipped.
+  mixed in one folder, or everything flat. Only headers are read: by the loader's fast header
+  reader (a series' files by their shared layout), by pydicom (``stop_before_pixels`` +
+  ``specific_tags``) wherever the fast reader declines or a value's bytes are not plain (the
+  same values either way: ``tests/test_batch_discovery_fast.py``). Files that are not DICOM are
+  skipped.
   Duplicate copies of an instance (same SOPInstanceUID) are kept once.
 * Every NIfTI file (``.nii``, ``.nii.gz``) is one study, and so is every ``.zip``.
 * Files whose DICOM header cannot be parsed cannot be grouped; when a folder holds only such
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import zipfile
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -28,6 +32,8 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 
 from pipeline.errors import InputError
+from pipeline.io.discover import fast_raw_elements
+from pipeline.io.layout import LayoutMemo
 
 log = logging.getLogger("osteoplan.batch")
 
@@ -43,7 +49,8 @@ NON_DICOM_SUFFIXES = (
 )
 # Files without a DICOM preamble are tried with force=True only with these suffixes (or none).
 FORCE_SUFFIXES = ("", ".dcm", ".dicom", ".ima", ".img")
-HEADER_THREADS = 8
+HEADER_THREADS = 8  # concurrent reads: a network share answers several at once
+HEADER_CHUNK = 64  # files per task: a series' files share one layout memo (listing order)
 
 
 @dataclass(frozen=True)
@@ -129,8 +136,10 @@ def discover_studies(root: Path, exclude: Iterable[Path] = ()) -> tuple[list[Stu
 
     headers: list[DicomHeader] = []
     unreadable: dict[Path, list[Path]] = defaultdict(list)
+    chunks = [candidates[i:i + HEADER_CHUNK] for i in range(0, len(candidates), HEADER_CHUNK)]
     with ThreadPoolExecutor(max_workers=HEADER_THREADS) as pool:
-        for path, result in zip(candidates, pool.map(read_header, candidates)):
+        results = [r for part in pool.map(read_headers, chunks) for r in part]
+        for path, result in zip(candidates, results):
             if isinstance(result, DicomHeader):
                 headers.append(result)
             elif result == "unreadable":
@@ -165,28 +174,53 @@ def discover_studies(root: Path, exclude: Iterable[Path] = ()) -> tuple[list[Stu
     return studies, stats
 
 
-def read_header(path: Path) -> DicomHeader | str:
-    """The grouping tags of one file, or "not-dicom" / "unreadable"."""
+def read_headers(paths: list[Path], fast: bool = True) -> list[DicomHeader | str]:
+    """``read_header`` for each of ``paths`` (in order), sharing one layout memo: files of one
+    series written alike are read by comparing bytes (``pipeline.io.layout``)."""
+    memo = LayoutMemo() if fast else None
+    return [read_header(p, fast, memo) for p in paths]
+
+
+def read_header(path: Path, fast: bool = True, memo: LayoutMemo | None = None) -> DicomHeader | str:
+    """The grouping tags of one file, or "not-dicom" / "unreadable".
+
+    With ``fast`` a Part-10 file is first read by the loader's fast header reader, and its
+    values are taken only where their bytes are plain (UIDs of digits and dots, a Modality of
+    capitals, digits, underscores and spaces, with the usual one-byte padding), where pydicom
+    gives the same strings; anything else, and every file the fast reader declines, is read
+    by pydicom as before (``fast=False``: always; the reference the tests compare against).
+    """
     try:
-        with open(path, "rb") as fh:
-            head = fh.read(132)
-        size = os.path.getsize(path)
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # never wait on a FIFO
+        try:
+            size = os.fstat(fd).st_size
+            if fast:
+                head, elements = fast_raw_elements(fd, size, memo)
+            else:
+                head, elements = os.pread(fd, 132, 0), None
+        finally:
+            os.close(fd)
     except OSError:
         return "unreadable"
-    has_preamble = len(head) == 132 and head[128:132] == b"DICM"
+    except Exception:  # noqa: BLE001 - the fast reader's doubt: pydicom decides below
+        head, elements = _head(path), None
+    has_preamble = len(head) >= 132 and head[128:132] == b"DICM"
     if not has_preamble and path.suffix.lower() not in FORCE_SUFFIXES:
         return "not-dicom"
-    try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=HEADER_TAGS, force=not has_preamble)
-        study = str(ds.get("StudyInstanceUID", "") or "").strip()
-        series = str(ds.get("SeriesInstanceUID", "") or "").strip()
-        sop = str(ds.get("SOPInstanceUID", "") or "").strip()
-        sop_class = str(ds.get("SOPClassUID", "") or "")
-        modality = str(ds.get("Modality", "") or "").strip().upper()
-    except (InvalidDicomError, EOFError):
-        return "unreadable" if has_preamble else "not-dicom"
-    except Exception:  # noqa: BLE001 - any parse failure of a third-party file
-        return "unreadable" if has_preamble else "not-dicom"
+    values = _plain_values(elements) if elements is not None else None
+    if values is None:
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=HEADER_TAGS, force=not has_preamble)
+            values = (str(ds.get("StudyInstanceUID", "") or "").strip(),
+                      str(ds.get("SeriesInstanceUID", "") or "").strip(),
+                      str(ds.get("SOPInstanceUID", "") or "").strip(),
+                      str(ds.get("SOPClassUID", "") or ""),
+                      str(ds.get("Modality", "") or "").strip().upper())
+        except (InvalidDicomError, EOFError):
+            return "unreadable" if has_preamble else "not-dicom"
+        except Exception:  # noqa: BLE001 - any parse failure of a third-party file
+            return "unreadable" if has_preamble else "not-dicom"
+    study, series, sop, sop_class, modality = values
     if sop_class == MEDIA_STORAGE_DIRECTORY:
         return "not-dicom"
     if not study and not sop and has_preamble and modality:
@@ -201,6 +235,33 @@ def read_header(path: Path) -> DicomHeader | str:
         return "unreadable" if has_preamble else "not-dicom"
     return DicomHeader(path=path, size=size, study_uid=study, series_uid=series or "-", sop_uid=sop,
                        modality=modality or "-")
+
+
+def _head(path: Path) -> bytes:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(132)
+    except OSError:
+        return b""
+
+
+# Raw value bytes pydicom turns into the same string as a plain ASCII decode and strip.
+_PLAIN_UID = re.compile(rb"[0-9.]*[\x00 ]?")
+_PLAIN_CS = re.compile(rb"[A-Z0-9_ ]*")
+_PLAIN = (("StudyInstanceUID", _PLAIN_UID), ("SeriesInstanceUID", _PLAIN_UID), ("SOPInstanceUID", _PLAIN_UID),
+          ("SOPClassUID", _PLAIN_UID), ("Modality", _PLAIN_CS))
+
+
+def _plain_values(elements: dict[str, bytes]) -> tuple[str, str, str, str, str] | None:
+    """(study, series, SOP instance, SOP class, modality) as ``read_header`` makes them from
+    pydicom's values, or None when any value's bytes are not plain (then pydicom reads it)."""
+    out = []
+    for keyword, plain in _PLAIN:
+        raw = elements.get(keyword, b"")
+        if not plain.fullmatch(raw):
+            return None
+        out.append(raw.decode("ascii").strip("\x00 "))
+    return out[0], out[1], out[2], out[3], out[4]
 
 
 def _group_dicom(headers: list[DicomHeader], base: Path, stats: DiscoveryStats) -> list[Study]:

@@ -399,6 +399,25 @@ def _read_header(path: Path, fast: bool, heads: _HeadReads | None,
     return _from_parsed(path, size, parsed)
 
 
+def fast_raw_elements(fd: int, size: int, memo: LayoutMemo | None = None
+                      ) -> tuple[bytes, dict[str, bytes] | None]:
+    """(the file's first ``HEAD_BYTES``, the raw value bytes of its HEADER_TAGS elements by keyword)
+    for an open Part-10 file, by the fast reader (with ``memo``: by a layout where one fits).
+
+    The second item is None wherever the fast reader declines (no preamble, multi-frame, a
+    sequence the loader reads, anything it doubts): read that file with pydicom. An element
+    the file does not hold is absent. For readers that need a few plain values of many files
+    (batch discovery) without building SliceHeaders.
+    """
+    head = _pread(fd, HEAD_BYTES, 0)
+    if _sniff(head[:132]) is not True:
+        return head, None
+    parsed = _read_fast(_FdFile(fd), head, size, memo)
+    if parsed is None:
+        return head, None
+    return head, {_KEYWORD_OF[tag][0]: raw for tag, (_, raw) in parsed.ds.elements.items()}
+
+
 def _pread(fd: int, n: int, pos: int) -> bytes:
     """Up to ``n`` bytes at ``pos`` (fewer only at the end of the file), like a buffered read."""
     data = os.pread(fd, n, pos)
