@@ -4,7 +4,8 @@
 Every mutated input is fed to ``pipeline.io.load.load_input``. The contract: it returns a Volume
 or raises an ``OsteoplanError`` (one clear line). Anything else -- another exception, a hang
 longer than ``--case-timeout`` seconds -- is a finding. For a DICOM folder, the header pass
-(fast readers, layouts shared across a series) must also equal pydicom reading each file alone;
+(fast readers, layouts shared across a series) must also equal pydicom reading each file alone,
+and so must batch discovery's fast header path (``pipeline.batch.discover.read_headers``):
 a difference is a finding (``HeaderMismatch``). Findings are grouped by exception type
 and the innermost project frame, printed, and (with ``--save DIR``) the offending inputs are kept.
 
@@ -38,6 +39,7 @@ if str(ROOT) not in sys.path:
 
 from pipeline.errors import OsteoplanError  # noqa: E402
 from pipeline.io.dicom_write import write_ct_series, write_enhanced_ct, write_localizer  # noqa: E402
+from pipeline.batch.discover import read_headers  # noqa: E402
 from pipeline.io.discover import list_files, scan_files  # noqa: E402
 from pipeline.io.load import load_input  # noqa: E402
 from pipeline.io.nifti import write_volume_nifti  # noqa: E402
@@ -179,6 +181,11 @@ def compare_headers(folder: Path) -> None:
         first = next((s for s in fast.slices if repr(s) not in theirs), None)
         raise HeaderMismatch(f"slices differ ({len(fast.slices)} vs {len(ref.slices)}), first: "
                              f"{first.path.name if first else '?'}")
+    # batch discovery: its fast path (layouts, plain values) must equal pydicom file for file
+    quick, slow = read_headers(files), read_headers(files, fast=False)
+    if quick != slow:
+        i = next(k for k, (a, b) in enumerate(zip(quick, slow)) if a != b)
+        raise HeaderMismatch(f"batch discovery differs on {files[i].name}: {quick[i]!r} vs pydicom {slow[i]!r}")
 
 
 def _signature(exc: BaseException) -> str:
