@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 import uuid
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -71,10 +72,12 @@ def run_batch(root: Path, out: Path, options: StudyOptions, batch: BatchOptions 
     if removed:
         log.info("removed %d stale temporary entries left by an interrupted run", len(removed))
 
+    t0 = time.perf_counter()
     studies, stats = discover_studies(root, exclude=[out])
     log.info("discovery: %d files, %d DICOM, %d skipped as non-DICOM, %d unreadable headers, "
-             "%d duplicate instances -> %d studies", stats.files_seen, stats.dicom_files,
-             stats.non_dicom_skipped, stats.unreadable_headers, stats.duplicate_instances, len(studies))
+             "%d duplicate instances -> %d studies (%.1f s)", stats.files_seen, stats.dicom_files,
+             stats.non_dicom_skipped, stats.unreadable_headers, stats.duplicate_instances, len(studies),
+             time.perf_counter() - t0)
     for note in stats.notes:
         log.warning("discovery: %s", note)
     if not studies:
