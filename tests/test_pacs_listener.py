@@ -302,3 +302,41 @@ def test_finished_job_inputs_are_purged_after_retention_failed_ones_kept(make_li
     assert (Path(done.result_dir) / "seg.dcm").exists()  # results stay
     assert listener.queue.get_job(done.id).purged == 1
     assert len(list((listener.spool.failed / failed.id / "input").glob("*.dcm"))) == 2
+
+
+def test_release_timeout_completes_a_study_when_its_association_closes(make_listener):
+    """With release_timeout_s, a study sent over one association becomes a job soon after the
+    association is released, not after study_timeout_s of quiet."""
+    listener = make_listener(study_timeout_s=60.0, release_timeout_s=0.3)
+    ct = write_ct_series(listener.spool.root.parent / "ct", shape=(32, 32, 6))
+    t0 = time.monotonic()
+    assert send(listener.cfg.port, sorted(ct.folder.glob("*.dcm"))) == [0] * 6
+    (job,) = wait_job(listener, "done", timeout=20.0)
+    assert time.monotonic() - t0 < 20.0  # study_timeout_s (60 s) was not waited for
+    input_dir = listener.spool.jobs / job.id / "input"
+    assert sorted(p.stem for p in input_dir.glob("*.dcm")) == sorted(ct.sop_uids)
+
+
+def test_release_timeout_waits_while_another_association_of_the_study_is_open(make_listener):
+    listener = make_listener(study_timeout_s=60.0, release_timeout_s=0.2)
+    ct = write_ct_series(listener.spool.root.parent / "ct", shape=(32, 32, 6))
+    files = sorted(ct.folder.glob("*.dcm"))
+    first = associate(listener.cfg.port)
+    assert first.is_established
+    assert [first.send_c_store(pydicom.dcmread(f)).Status for f in files[:3]] == [0] * 3
+    assert send(listener.cfg.port, files[3:]) == [0] * 3  # a second association, released
+    time.sleep(1.5)
+    assert listener.queue.jobs() == []  # the first association is still open
+    first.release()
+    (job,) = wait_job(listener, "done", timeout=20.0)
+    input_dir = listener.spool.jobs / job.id / "input"
+    assert sorted(p.stem for p in input_dir.glob("*.dcm")) == sorted(ct.sop_uids)  # one job, all of it
+
+
+def test_without_release_timeout_a_released_study_still_waits_for_quiet(make_listener):
+    listener = make_listener(study_timeout_s=3.0)
+    ct = write_ct_series(listener.spool.root.parent / "ct", shape=(32, 32, 4))
+    assert send(listener.cfg.port, sorted(ct.folder.glob("*.dcm"))) == [0] * 4
+    time.sleep(1.0)
+    assert listener.queue.jobs() == []
+    wait_job(listener, "done", timeout=20.0)

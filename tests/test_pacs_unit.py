@@ -47,6 +47,7 @@ def test_shipped_config_is_valid():
     ({"allow_ae": ["OK", "BAD\\AE"]}, "allow_ae"),
     ({"storage_classes": ["CTImageStorage", "NoSuchStorage"]}, "storage_classes"),
     ({"study_timeout_s": 0}, "study_timeout_s"),
+    ({"release_timeout_s": -1}, "release_timeout_s"),
     ({"run.intent": "cosmetic"}, "run.intent"),
     ({"bogus_key": 1}, "bogus_key"),
 ])
@@ -221,3 +222,19 @@ def test_listen_with_bad_settings_exits_2_with_one_line(tmp_path, capsys):
     rc = main(["listen", "--spool", str(tmp_path / "s"), "--send-to", "nonsense"])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and "send_to" in err and "Traceback" not in err
+
+
+def test_pending_study_due_rules():
+    from pipeline.pacs.spool import PendingStudy
+
+    st = PendingStudy("1.2.3", last_arrival=100.0, instances=3)
+    assert not st.due(101.0, timeout_s=30.0, release_s=0.5)  # no association has closed yet
+    assert st.due(130.0, timeout_s=30.0)
+    st.open_assocs.add(7)
+    st.open_assocs.discard(7)
+    st.closed_assocs = 1
+    assert not st.due(100.2, timeout_s=30.0, release_s=0.5)  # closed, but not quiet long enough
+    assert st.due(100.6, timeout_s=30.0, release_s=0.5)
+    assert not st.due(100.6, timeout_s=30.0)  # release rule off
+    st.open_assocs.add(8)  # another association of the study is still open
+    assert not st.due(100.6, timeout_s=30.0, release_s=0.5) and st.due(130.0, timeout_s=30.0, release_s=0.5)

@@ -18,6 +18,10 @@ def register(app: typer.Typer) -> None:
         send_to: Optional[str] = typer.Option(None, "--send-to", help="AE@HOST:PORT that receives SEG + SR."),
         study_timeout: Optional[float] = typer.Option(
             None, "--study-timeout", help="Seconds without a new instance after which a study is complete."),
+        release_timeout: Optional[float] = typer.Option(
+            None, "--release-timeout",
+            help="Seconds without a new instance after which a study is complete once every association "
+                 "that sent it has closed (default: off)."),
         allow_ae: Optional[str] = typer.Option(None, "--allow-ae", help="Comma list of calling AE titles allowed."),
         config: Optional[Path] = typer.Option(None, "--config", help="pacs.yaml (default configs/pacs.yaml)."),
         device: Optional[str] = typer.Option(None, help="auto|cpu|cuda|cuda:N|mps"),
@@ -37,7 +41,7 @@ def register(app: typer.Typer) -> None:
         overrides = {
             "ae_title": ae, "port": port, "bind_address": bind,
             "spool": str(spool) if spool is not None else None, "send_to": send_to,
-            "study_timeout_s": study_timeout,
+            "study_timeout_s": study_timeout, "release_timeout_s": release_timeout,
             "allow_ae": [a.strip() for a in allow_ae.split(",") if a.strip()] if allow_ae is not None else None,
             "run.device": device, "run.fast": fast, "run.intent": intent, "run.model": model,
         }

@@ -91,6 +91,9 @@ class PacsConfig(BaseModel):
     spool: Path | None = None
     send_to: str | None = None
     study_timeout_s: float = Field(30.0, gt=0)
+    # a study whose sending associations have all closed is complete after this long with no new
+    # instance (None: only study_timeout_s); for senders that send a whole study per association
+    release_timeout_s: float | None = Field(None, gt=0)
     allow_ae: list[str] = Field(default_factory=list)
     max_associations: int = Field(8, ge=1)
     max_instance_mb: float = Field(1024.0, gt=0)

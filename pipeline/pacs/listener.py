@@ -1,7 +1,9 @@
 """``osteoplan listen``: Storage SCP -> spool -> completed studies -> job queue -> worker -> outbox.
 
 Threads: pynetdicom's server (one thread per association) stores instances; the *monitor* turns
-studies idle for ``study_timeout_s`` into jobs (MONAI Deploy Informatics Gateway's model); one
+studies idle for ``study_timeout_s`` into jobs (MONAI Deploy Informatics Gateway's model), or, with
+``release_timeout_s``, studies whose sending associations have all closed and that have been idle
+that long (a sender that sends a study per association: no 30 s wait); one
 *worker* runs jobs with a StudyRunner created once; the *outbox* thread delivers SEG + SR.
 
 Guarantees (see also spool.py and queue.py):
@@ -167,11 +169,12 @@ class Listener:
 
     # ---- completion -> jobs ---------------------------------------------------------------
     def monitor_forever(self) -> None:
-        poll = max(0.05, min(1.0, self.cfg.study_timeout_s / 5))
+        release_s = self.cfg.release_timeout_s
+        poll = max(0.05, min(1.0, min(self.cfg.study_timeout_s, release_s or self.cfg.study_timeout_s) / 5))
         last_purge = time.monotonic()
         while not self.stop_event.wait(poll):
             try:
-                for key in self.spool.due_studies(self.cfg.study_timeout_s):
+                for key in self.spool.due_studies(self.cfg.study_timeout_s, release_s=release_s):
                     self.complete_study(key)
                 if time.monotonic() - last_purge > PURGE_EVERY_S:
                     self.purge_old()
@@ -190,7 +193,7 @@ class Listener:
                 "version": (base.version + 1) if base else 1, "created_utc": time.strftime(
                     "%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         job_id = new_job_id()
-        if not self.spool.take_study(key, job_id, info, self.cfg.study_timeout_s):
+        if not self.spool.take_study(key, job_id, info, self.cfg.study_timeout_s, self.cfg.release_timeout_s):
             return None
         self.register_job(job_id, info)
         return job_id

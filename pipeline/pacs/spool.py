@@ -27,7 +27,7 @@ import re
 import shutil
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -95,11 +95,25 @@ def durable_move(src: Path, dst: Path) -> None:
 
 @dataclass
 class PendingStudy:
-    """A study still receiving instances. ``last_arrival`` is time.monotonic() seconds."""
+    """A study still receiving instances. ``last_arrival`` is time.monotonic() seconds.
+
+    ``open_assocs``: the associations that delivered instances of it and are still open;
+    ``closed_assocs``: how many such associations have closed (released or aborted).
+    """
 
     study_uid: str
     last_arrival: float
     instances: int
+    open_assocs: set[int] = field(default_factory=set)
+    closed_assocs: int = 0
+
+    def due(self, now: float, timeout_s: float, release_s: float | None = None) -> bool:
+        """Complete: quiet for ``timeout_s``; or, with ``release_s``, every association that
+        delivered to it has closed and it has been quiet for ``release_s``."""
+        quiet = now - self.last_arrival
+        if quiet >= timeout_s:
+            return True
+        return release_s is not None and self.closed_assocs > 0 and not self.open_assocs and quiet >= release_s
 
 
 class Spool:
@@ -156,10 +170,11 @@ class Spool:
         return keys
 
     # ---- receiving ------------------------------------------------------------------------
-    def store_instance(self, src: Path, study_uid: str, sop_instance_uid: str) -> Path:
+    def store_instance(self, src: Path, study_uid: str, sop_instance_uid: str, assoc: int | None = None) -> Path:
         """Durably move a received file (already in ``tmp/``) into ``incoming/<study>/``.
 
         Returns the final path. A repeated SOP Instance UID replaces the earlier copy.
+        ``assoc`` identifies the association it came over (see :meth:`association_closed`).
         """
         fsync_file(src)
         key = uid_key(study_uid)
@@ -173,11 +188,22 @@ class Spool:
             fsync_dir(folder)
             st = self._pending.get(key)
             if st is None:
-                self._pending[key] = PendingStudy(study_uid, time.monotonic(), 1)
+                st = self._pending[key] = PendingStudy(study_uid, time.monotonic(), 1)
             else:
                 st.last_arrival = time.monotonic()
                 st.instances += 1
+            if assoc is not None:
+                st.open_assocs.add(assoc)
         return dst
+
+    def association_closed(self, assoc: int, keys: set[str]) -> None:
+        """The association ``assoc``, which delivered instances of the studies ``keys``, closed."""
+        with self._lock:
+            for key in keys:
+                st = self._pending.get(key)
+                if st is not None and assoc in st.open_assocs:
+                    st.open_assocs.discard(assoc)
+                    st.closed_assocs += 1
 
     def reject(self, src: Path, name: str, reason: str) -> Path:
         """Keep an instance refused for its content in ``rejected/`` with its reason."""
@@ -191,15 +217,17 @@ class Spool:
     # ---- completion -----------------------------------------------------------------------
     def pending(self) -> dict[str, PendingStudy]:
         with self._lock:
-            return {k: PendingStudy(v.study_uid, v.last_arrival, v.instances) for k, v in self._pending.items()}
+            return {k: PendingStudy(v.study_uid, v.last_arrival, v.instances, set(v.open_assocs), v.closed_assocs)
+                    for k, v in self._pending.items()}
 
-    def due_studies(self, timeout_s: float, now: float | None = None) -> list[str]:
-        """Keys of studies with no new instance for ``timeout_s`` seconds."""
+    def due_studies(self, timeout_s: float, now: float | None = None, release_s: float | None = None) -> list[str]:
+        """Keys of complete studies (:meth:`PendingStudy.due`)."""
         now = time.monotonic() if now is None else now
         with self._lock:
-            return [k for k, v in self._pending.items() if now - v.last_arrival >= timeout_s]
+            return [k for k, v in self._pending.items() if v.due(now, timeout_s, release_s)]
 
-    def take_study(self, key: str, job_id: str, job_info: dict[str, Any], timeout_s: float) -> bool:
+    def take_study(self, key: str, job_id: str, job_info: dict[str, Any], timeout_s: float,
+                   release_s: float | None = None) -> bool:
         """Move ``incoming/<key>`` to ``jobs/<job_id>/input`` if the study is (still) complete.
 
         ``job.json`` is written first, so a crash between the steps leaves a job folder that
@@ -208,7 +236,7 @@ class Spool:
         job_dir = self.jobs / job_id
         with self._lock:
             st = self._pending.get(key)
-            if st is None or time.monotonic() - st.last_arrival < timeout_s:
+            if st is None or not st.due(time.monotonic(), timeout_s, release_s):
                 return False
             job_dir.mkdir()
             fsync_dir(self.jobs)
