@@ -16,7 +16,6 @@ import logging
 import shutil
 import socket
 import tempfile
-import threading
 from pathlib import Path
 from typing import Callable
 
@@ -27,7 +26,7 @@ from pynetdicom.sop_class import Verification
 from pipeline.logs import anon
 from pipeline.pacs.config import PacsConfig
 from pipeline.pacs.sender import set_nodelay
-from pipeline.pacs.spool import Spool, uid_key
+from pipeline.pacs.spool import Spool
 
 log = logging.getLogger("osteoplan.pacs.scp")
 
@@ -47,16 +46,10 @@ class StoreHandler:
         self.max_bytes = int(cfg.max_instance_mb * 1024 * 1024)
         self.min_free = int(cfg.min_free_mb * 1024 * 1024)
         self.on_stored = on_stored
-        self._studies_of: dict[int, set[str]] = {}  # open association -> study keys it delivered
-        self._lock = threading.Lock()
 
     def closed(self, event: evt.Event) -> None:
         """``EVT_CONN_CLOSE``: the association ended (released, aborted or dropped)."""
-        assoc = id(event.assoc)
-        with self._lock:
-            keys = self._studies_of.pop(assoc, set())
-        if keys:
-            self.spool.association_closed(assoc, keys)
+        self.spool.association_closed(id(event.assoc))
 
     def __call__(self, event: evt.Event) -> int:
         path = Path(event.dataset_path)
@@ -82,11 +75,8 @@ class StoreHandler:
             kept = self.spool.reject(path, req_sop or "unknown", reason)
             log.warning("refused instance %s: %s; kept as %s", anon(req_sop), type(exc).__name__, kept.name)
             return STATUS_CANNOT_UNDERSTAND
-        assoc = id(event.assoc)
-        with self._lock:
-            self._studies_of.setdefault(assoc, set()).add(uid_key(study_uid))
         try:
-            self.spool.store_instance(path, study_uid, sop_uid, assoc)
+            self.spool.store_instance(path, study_uid, sop_uid, id(event.assoc))
         except OSError as exc:
             log.error("could not store instance %s: %s", anon(sop_uid), exc)
             return STATUS_OUT_OF_RESOURCES

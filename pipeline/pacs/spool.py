@@ -196,12 +196,11 @@ class Spool:
                 st.open_assocs.add(assoc)
         return dst
 
-    def association_closed(self, assoc: int, keys: set[str]) -> None:
-        """The association ``assoc``, which delivered instances of the studies ``keys``, closed."""
+    def association_closed(self, assoc: int) -> None:
+        """The association ``assoc`` closed: the pending studies it delivered instances of know."""
         with self._lock:
-            for key in keys:
-                st = self._pending.get(key)
-                if st is not None and assoc in st.open_assocs:
+            for st in self._pending.values():
+                if assoc in st.open_assocs:
                     st.open_assocs.discard(assoc)
                     st.closed_assocs += 1
 
