@@ -344,11 +344,16 @@ def _hd_segmentation(pixels: np.ndarray | hd.Volume, seg: Segmentation, headers:
         content_description="osteoplan segmentation: spinal canal, metastasis, vertebra/bone"[:64],
         content_label="OSTEOPLAN",
         omit_empty_frames=omit_empty_frames,  # an all-empty map keeps its (empty) frames
-        series_description=(f"osteoplan FAST-mode SEG, preview only ({seg.model.name})" if preview
-                            else f"osteoplan SEG ({seg.model.name})")[:64],
+        series_description=result_series_description("SEG", preview, seg.model.name),
         content_qualification=hd.ContentQualificationValues.RESEARCH,
         specific_character_set=getattr(src, "SpecificCharacterSet", None) or "ISO_IR 192",
     )
+
+
+def result_series_description(what: str, fast: bool, model_name: str) -> str:
+    """What a PACS list shows for one of our result series (``what``: "SEG", "measurements"); a
+    --fast result says so, as its grid misses small lesions."""
+    return f"osteoplan {f'FAST-mode {what}, preview only' if fast else what} ({model_name})"[:64]
 
 
 def write_seg(path: Path, volume: Volume, seg: Segmentation,

@@ -39,7 +39,8 @@ from pydicom.sr.codedict import codes as dc
 from pydicom.uid import generate_uid
 
 from pipeline import __version__
-from pipeline.report.seg import MANUFACTURER, aligned_to_grid, is_multiframe, multiframe_frame_of_slice
+from pipeline.report.seg import (MANUFACTURER, aligned_to_grid, is_multiframe, multiframe_frame_of_slice,
+                                 result_series_description)
 from pipeline.types import LESION, Geometry, Segmentation, Volume
 
 SR_SERIES_NUMBER = 9902
@@ -119,9 +120,8 @@ def build_sr(volume: Volume, seg: Segmentation, seg_ds: pydicom.Dataset, report:
 
 
 def series_description(report: dict[str, Any], model_name: str) -> str:
-    """What a PACS list shows for the SR: a --fast result says so (its grid misses small lesions)."""
-    mode = "FAST-mode measurements, preview only" if report.get("fast") else "measurements"
-    return f"osteoplan {mode} ({model_name})"[:64]
+    """What a PACS list shows for the SR (``seg.result_series_description``)."""
+    return result_series_description("measurements", bool(report.get("fast")), model_name)
 
 
 def _no_lesion_group(report: dict[str, Any], algo: hd.sr.AlgorithmIdentification
