@@ -23,6 +23,26 @@ class SlidingWindow(BaseModel):
                                  "by repeating edge slices before inference (thin slabs); 0 = off")
 
 
+class LesionRefine(BaseModel):
+    """Grow lytic lesions into adjacent bone as dark as they are (pipeline/segment/lesion_refine.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+    enabled: bool = True
+    sigma_mm: float = Field(0.75, ge=0.0, le=5.0, description="Gaussian smoothing of the HU before comparing (noise)")
+    grow_mm: float = Field(4.0, gt=0.0, le=20.0, description="how far (mm) a lesion may grow beyond its segmented edge")
+    reference_shell_mm: tuple[float, float] = Field(
+        (2.0, 8.0), description="bone between these distances (mm) from the lesion is its intensity reference")
+    min_separation: float = Field(1.0, ge=0.0, description="grow only lesions darker than that bone by at least this "
+                                  "many (mean) robust standard deviations")
+
+    @field_validator("reference_shell_mm")
+    @classmethod
+    def _shell(cls, shell: tuple[float, float]) -> tuple[float, float]:
+        if not 0.0 <= shell[0] < shell[1] <= 30.0:
+            raise ValueError(f"reference_shell_mm must be [inner, outer] with 0 <= inner < outer <= 30, not {list(shell)}")
+        return shell
+
+
 class Postprocess(BaseModel):
     model_config = ConfigDict(extra="forbid")
     min_lesion_volume_ml: float = Field(0.05, ge=0.0)
@@ -31,6 +51,7 @@ class Postprocess(BaseModel):
     bone_reference_margin_mm: float = Field(20.0, gt=0.0)
     corner_labels: bool = Field(True, description="back on the input grid, a voxel takes only a label that one of the "
                                 "8 model voxels around it has (no spurious layer between touching classes)")
+    lesion_refine: LesionRefine = LesionRefine()
 
 
 class TestTimeAugmentation(BaseModel):

@@ -140,6 +140,8 @@ class Segmentation:
     # label value -> {"name", "color" [r,g,b], "category" {code, scheme, meaning}, "type" {...}}
     # from the model bundle's metadata.json (None: the writers' defaults in pipeline/report/codes.py)
     label_meta: dict[int, dict[str, Any]] | None = None
+    # what postprocessing on the input grid changed, for the report (e.g. {"lesion_refine": {...}})
+    postprocess: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

@@ -153,6 +153,7 @@ def check_report_contract(rep: dict) -> None:
         assert k in rep["canal"], k
     assert isinstance(rep["lesions"], list) and isinstance(rep["warnings"], list)
     assert isinstance(rep["timings_s"], dict) and "total" in rep["timings_s"]
+    assert isinstance(rep["postprocess"], dict)
     assert "not a medical device" in rep["disclaimer"]
     assert len(rep["series"]["size"]) == 3 and len(rep["series"]["spacing_mm"]) == 3
     for les in rep["lesions"]:
@@ -193,6 +194,9 @@ def test_good_study_exit_0_and_outputs(palliative_run, study):
     assert (out / "osteoplan.log").is_file()
     rep = json.loads((study_dir / "report.json").read_text())
     check_report_contract(rep)
+    refine = rep["postprocess"]["lesion_refine"]  # what the lytic refinement did (on by default)
+    assert refine["enabled"] is True and 0 <= refine["lesions_grown"] <= refine["lesions_examined"]
+    assert refine["voxels_added"] >= 0 and (refine["voxels_added"] > 0) == (refine["lesions_grown"] > 0)
     assert rep["series"]["study_instance_uid"] == study[1]["study_instance_uid"]
     assert rep["series"]["series_instance_uid"] == study[1]["series_instance_uid"]
     assert rep["series"]["size"] == study[1]["shape"]

@@ -41,6 +41,7 @@ def build_report(volume: Volume, seg: Segmentation, lesions: list[Lesion], recs:
             "spacing_mm": [_r(s, 4) for s in seg.model.spacing_mm],
         },
         "device": str(seg.device),
+        "postprocess": to_jsonable(seg.postprocess),
         "intent": intent,
         "fast": bool(fast),
         "rules": ({"version": str(rules.version), "sha256": str(rules.sha256),

@@ -23,6 +23,7 @@ from monai.inferers import sliding_window_inference
 from pipeline.config import InferenceConfig
 from pipeline.errors import InputError
 from pipeline.segment.bundle import Bundle, load_bundle
+from pipeline.segment.lesion_refine import grow_lytic_lesions
 from pipeline.segment.resample import (
     argmax_channels,
     canonical_geometry,
@@ -257,8 +258,10 @@ class Segmenter:
                           logits_to_labels(logits, canon, volume.geometry, slab_voxels=slab, roi_ijk=roi, order=order,
                                            corner_labels=corner))
             del logits
+            refined = grow_lytic_lesions(labels, volume.array, volume.geometry, self.config.postprocess)
         info = self.bundle.info
         if fast:
             info = type(info)(name=info.name, version=info.version, sha256=info.sha256, spacing_mm=spacing)
         return Segmentation(labels=labels, geometry=volume.geometry, model=info, device=str(self.device),
-                            label_meta=self.bundle.label_meta or None)
+                            label_meta=self.bundle.label_meta or None,
+                            postprocess={"lesion_refine": refined.as_dict()})
