@@ -150,3 +150,20 @@ def test_series_selection_row_says_what_was_chosen_and_passed_over():
     assert text == ("chosen series 3 (Body 1.0) [56 slices, 2.0 mm apart, axial]: the only CT series that can form "
                     "a volume; passed over a CT series (1 file): localizer/scout image")
     assert _selection_text(None) == "" and _selection_text({"chosen": None}) == ""
+
+
+def test_lesion_edges_row_says_what_the_lytic_refinement_did(tmp_path):
+    from pipeline.report.html import _refine_text
+
+    assert _refine_text(None) == ""
+    assert _refine_text({"enabled": False, "lesions_examined": 0, "lesions_grown": 0,
+                         "voxels_added": 0}) == "as segmented (lytic refinement off)"
+    assert _refine_text({"enabled": True, "lesions_examined": 2, "lesions_grown": 0,
+                         "voxels_added": 0}) == "as segmented (no lytic lesion grew)"
+    text = _refine_text({"enabled": True, "lesions_examined": 3, "lesions_grown": 1, "voxels_added": 32})
+    assert text.startswith("1 lytic lesion(s) grown") and "32 voxel(s) added" in text
+    case = rh.nifti_like_case("HFS")
+    case.seg.postprocess = {"lesion_refine": {"enabled": True, "lesions_examined": 2, "lesions_grown": 2,
+                                              "voxels_added": 140}}
+    page = write_html(tmp_path, case.volume, case.seg, _report(case)).read_text()
+    assert "Lesion edges" in page and "140 voxel(s) added" in page

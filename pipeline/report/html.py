@@ -91,6 +91,19 @@ def _num(value: Any, unit: str = "") -> str:
     return f"{_e(value)}{(' ' + unit) if unit else ''}"
 
 
+def _refine_text(refine: dict[str, Any] | None) -> str:
+    """What the lytic refinement did, in words ("" when the report has no such entry)."""
+    if not refine:
+        return ""
+    if not refine.get("enabled"):
+        return "as segmented (lytic refinement off)"
+    grown = int(refine.get("lesions_grown", 0))
+    if not grown:
+        return "as segmented (no lytic lesion grew)"
+    return (f"{grown} lytic lesion(s) grown into adjacent bone as dark as they are, "
+            f"{int(refine.get('voxels_added', 0))} voxel(s) added (MODEL_CARD.md, 'Lytic lesion refinement')")
+
+
 def render_html(report: dict[str, Any], images: dict[int, str],
                 label_meta: dict[int, dict[str, Any]] | None = None) -> str:
     """The page's HTML for a report.json dict; ``images`` maps lesion id -> PNG file name."""
@@ -116,6 +129,7 @@ def render_html(report: dict[str, Any], images: dict[int, str],
         _row("Series selection", _selection_text(s.get("selection"))),
         _row("Model", f"{m.get('name', '')} {m.get('version', '')} (sha256 {str(m.get('sha256', ''))[:12]}...)"),
         _row("Device / mode", f"{report.get('device', '')}{' / fast' if report.get('fast') else ''}"),
+        _row("Lesion edges", _refine_text((report.get("postprocess") or {}).get("lesion_refine"))),
         _row("Intent", report.get("intent")),
         _row("Spinal canal", (f"found, {canal.get('volume_ml')} ml" if canal.get("found") else "NOT found")),
         "</table>",
