@@ -14,14 +14,15 @@ For each lesion the measurement keeps (``_components``: size and bone contact as
 3. bone intensity: the same over bone voxels (label 3) between ``reference_shell_mm[0]`` and
    ``[1]`` millimetres from the lesion;
 4. only a lesion darker than that bone by at least ``min_separation`` (in units of the mean of
-   the two sigmas) is grown: blastic and mixed lesions are left as they are (growing towards
-   denser bone would take cortex);
+   the two sigmas) is grown. Lesions that are not clearly darker (blastic, iso-dense and most
+   mixed ones) are left as they are: growing towards denser bone would take cortex;
 5. threshold ``t`` where the two intensity distributions are equally far in their own sigmas;
    bone voxels darker than ``t`` and within ``grow_mm`` (true anisotropic spacing) of the lesion
    join it, if they connect to it (26-neighbours) through such voxels.
 
 Only voxels labelled bone can change, and only to lesion: the canal, background and other labels
-are untouched, no new lesion appears and none shrinks. Everything works on crops.
+are untouched, no new lesion appears and none shrinks (two lesions within reach of each other can
+merge). Everything works on crops.
 """
 
 from __future__ import annotations
