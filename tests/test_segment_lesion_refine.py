@@ -74,6 +74,8 @@ def test_an_under_segmented_lytic_lesion_grows_back_to_its_edge():
     assert _dice(after, s.truth_lesion) > 0.9
     assert summary.as_dict() == {"enabled": True, "lesions_examined": 1, "lesions_grown": 1,
                                  "voxels_added": int(after.sum() - before.sum())}
+    changed = np.ravel_multi_index(np.nonzero(out != s.labels), s.geom.shape)
+    assert np.array_equal(summary.added, np.sort(changed))  # exactly the voxels that became lesion
     edge = summary.lesions[0]
     assert edge.lesion_hu == pytest.approx(90.0, abs=10) and edge.threshold_hu < edge.bone_hu
     # the distance the plan rests on comes back to the truth (within one voxel diagonal)
@@ -174,3 +176,31 @@ def test_settings_are_validated_and_shipped_on():
         LesionRefine(grow_mm=0.0)
     shipped = load_inference_config().postprocess.lesion_refine
     assert shipped.enabled and shipped == LesionRefine()  # configs/inference.yaml states the defaults
+
+
+def test_type_is_judged_without_the_added_voxels():
+    """A mixed lesion stays mixed when dark voxels are added around it (they are dark by construction)."""
+    s = Spine(noise_hu=0.0)
+    pts = lps_grid(s.geom)
+    seg = s.labels == LESION
+    checker = (np.indices(s.geom.shape).sum(axis=0) % 2).astype(bool)
+    s.hu[seg & checker] = 700  # half dense, half dark: mixed
+    s.hu[seg & ~checker] = 60
+    ring = sphere(s.geom, LESION_C, TRUE_R, pts) & ~seg
+    s.hu[ring] = 60
+    labels = s.labels.copy()
+    labels[ring] = LESION
+    vol = Volume(array=s.hu, geometry=s.geom)
+    flat = np.ravel_multi_index(np.nonzero(ring), s.geom.shape)
+
+    def measure(refined):
+        seg_ = Segmentation(labels=labels, geometry=s.geom, model=MODEL, refined_voxels=refined)
+        (lesion,), _ = measure_lesions(vol, seg_, _post(), RULES)
+        return lesion
+
+    with_record, without = measure(flat), measure(None)
+    assert without.type == "lytic" and "refined_voxels_added" not in without.features
+    assert with_record.type == "mixed"
+    assert with_record.features["refined_voxels_added"] == int(ring.sum())
+    assert with_record.voxel_count == without.voxel_count == int((labels == LESION).sum())  # the shape is the grown one
+    assert with_record.min_distance_to_canal_mm == without.min_distance_to_canal_mm

@@ -81,14 +81,37 @@ def measure_lesions(volume: Volume, seg: Segmentation, post: Postprocess,
                           params.canal.min_component_fraction)
     uncertainty = distance_uncertainty_mm(geom.spacing, seg.model.spacing_mm)
     all_bone = functools.lru_cache(maxsize=1)(lambda: all_bone_reference(labels, volume.array, slices[BONE]))
+    refined = _refined_ijk(seg.refined_voxels, labels.shape)
     lesions = [
-        _measure_one(i + 1, mask, offset, volume, labels, canal, post, rules, uncertainty, all_bone)
+        _measure_one(i + 1, mask, offset, volume, labels, canal, post, rules, uncertainty, all_bone, refined)
         for i, (mask, offset) in enumerate(_components(labels, slices[LESION], geom, post.min_lesion_volume_ml,
                                                        post.require_bone_contact))
     ]
     for lesion in lesions:
         lesion.solitary = len(lesions) == 1
     return lesions, canal.summary()
+
+
+def _refined_ijk(flat: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray | None:
+    """(n, 3) voxel indices of the voxels the lytic refinement added (None when it did not run)."""
+    if flat is None:
+        return None
+    return np.stack(np.unravel_index(np.asarray(flat, dtype=np.int64), shape), axis=1) if len(flat) else \
+        np.zeros((0, 3), np.int64)
+
+
+def _added_in_crop(refined: np.ndarray | None, offset: tuple[int, int, int], mask: np.ndarray) -> np.ndarray | None:
+    """Boolean crop (like ``mask``) of the lesion's voxels that the lytic refinement added."""
+    if refined is None or len(refined) == 0:
+        return None
+    local = refined - np.asarray(offset)
+    inside = np.all((local >= 0) & (local < np.asarray(mask.shape)), axis=1)
+    if not inside.any():
+        return None
+    added = np.zeros(mask.shape, dtype=bool)
+    added[tuple(local[inside].T)] = True
+    added &= mask
+    return added if added.any() else None
 
 
 def _touches_bone(labels: np.ndarray, mask: np.ndarray, offset: tuple[int, int, int]) -> bool:
@@ -135,7 +158,7 @@ def _components(labels: np.ndarray, region: tuple[slice, ...] | None, geom: Geom
 
 def _measure_one(lesion_id: int, mask: np.ndarray, offset: tuple[int, int, int], volume: Volume,
                  labels: np.ndarray, canal: Canal, post: Postprocess, rules: Rules, uncertainty: float,
-                 all_bone: Callable[[], tuple[float | None, int]]) -> Lesion:
+                 all_bone: Callable[[], tuple[float | None, int]], refined: np.ndarray | None = None) -> Lesion:
     geom = volume.geometry
     crop = tuple(slice(o, o + n) for o, n in zip(offset, mask.shape))
     bbox = (tuple(int(o) for o in offset), tuple(int(o + n) for o, n in zip(offset, mask.shape)))
@@ -148,7 +171,12 @@ def _measure_one(lesion_id: int, mask: np.ndarray, offset: tuple[int, int, int],
     tparams = rules.measurement.lesion_type
     ref = bone_reference(labels, volume.array, mask, bbox, geom.spacing, post.bone_reference_margin_mm, tparams,
                          all_bone)
-    kind = classify_hu(hu, ref.hu, tparams)
+    # the type is judged on the voxels the network segmented: those the lytic refinement added are
+    # dark by construction and would push a mixed lesion towards lytic
+    added = _added_in_crop(refined, offset, mask)
+    segmented = None if added is None else mask & ~added
+    use_all = segmented is None or not segmented.any()
+    kind = classify_hu(hu if use_all else volume.array[crop][segmented], ref.hu, tparams)
     location, where = classify_location(centroid_ijk, canal.surface, geom, rules.measurement.location)
 
     features: dict[str, Any] = {
@@ -171,6 +199,9 @@ def _measure_one(lesion_id: int, mask: np.ndarray, offset: tuple[int, int, int],
         features["bone_reference_note"] = "too little bone near the lesion: all segmented bone used"
     if kind.note:
         features["type_note"] = kind.note
+    if added is not None:
+        features["refined_voxels_added"] = int(added.sum())
+        features["type_from"] = "segmented voxels, without those the lytic refinement added"
 
     distance = point_lesion = point_canal = None
     if canal.surface is not None:

@@ -64,10 +64,16 @@ class LesionEdge:
 
 @dataclass
 class RefineSummary:
-    """Per-study summary, for the report: how many lesions grew and by how many voxels."""
+    """Per-study summary, for the report: how many lesions grew and by how many voxels.
+
+    ``added`` holds the flat (C-order) indices of every voxel that became lesion, sorted: the
+    measurement types each lesion on the voxels the network segmented, not on the added ones,
+    which are dark by construction and would push a mixed lesion towards lytic.
+    """
 
     enabled: bool
     lesions: list[LesionEdge] = field(default_factory=list)
+    added: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
 
     def as_dict(self) -> dict:
         return {"enabled": self.enabled,
@@ -94,8 +100,13 @@ def grow_lytic_lesions(labels: np.ndarray, hu: np.ndarray, geometry: Geometry, p
         raise ValueError(f"label map shape {labels.shape} != image shape {hu.shape}")
     region = _label_slices(labels)[LESION]
     kept = _components(labels, region, geometry, post.min_lesion_volume_ml, post.require_bone_contact)
+    added: list[np.ndarray] = []
     for mask, offset in kept:  # masks and offsets come from the labels before any growth
-        summary.lesions.append(_grow_one(labels, hu, geometry, mask, offset, params))
+        edge, flat = _grow_one(labels, hu, geometry, mask, offset, params)
+        summary.lesions.append(edge)
+        added.append(flat)
+    if added:
+        summary.added = np.unique(np.concatenate(added))
     grown = [e for e in summary.lesions if e.grown]
     if grown:
         log.info("lesion refine: %d of %d lytic lesion(s) grown into adjacent dark bone, %d voxel(s) added",
@@ -104,7 +115,9 @@ def grow_lytic_lesions(labels: np.ndarray, hu: np.ndarray, geometry: Geometry, p
 
 
 def _grow_one(labels: np.ndarray, hu: np.ndarray, geometry: Geometry, mask: np.ndarray,
-              offset: tuple[int, int, int], params: LesionRefine) -> LesionEdge:
+              offset: tuple[int, int, int], params: LesionRefine) -> tuple[LesionEdge, np.ndarray]:
+    """Grow one lesion; returns what was found and the flat indices of the voxels added."""
+    none = np.zeros(0, np.int64)
     spacing = np.asarray(geometry.spacing, dtype=np.float64)
     before = int(mask.sum())
     reach_mm = max(params.grow_mm, params.reference_shell_mm[1])
@@ -123,12 +136,12 @@ def _grow_one(labels: np.ndarray, hu: np.ndarray, geometry: Geometry, mask: np.n
     if int(core.sum()) < _MIN_VOXELS:
         core = lesion
     if int(core.sum()) < _MIN_VOXELS:
-        return LesionEdge(tuple(offset), before, 0, reason="too small to estimate its intensity")
+        return LesionEdge(tuple(offset), before, 0, reason="too small to estimate its intensity"), none
     dist = ndimage.distance_transform_edt(~lesion, sampling=spacing)
     bone = lab == BONE
     shell = bone & (dist > params.reference_shell_mm[0]) & (dist <= params.reference_shell_mm[1])
     if int(shell.sum()) < _MIN_VOXELS:
-        return LesionEdge(tuple(offset), before, 0, reason="too little bone around it")
+        return LesionEdge(tuple(offset), before, 0, reason="too little bone around it"), none
     mu_l, sd_l = _robust(image[core])
     mu_b, sd_b = _robust(image[shell])
     separation = (mu_b - mu_l) / (0.5 * (sd_l + sd_b))
@@ -136,13 +149,16 @@ def _grow_one(labels: np.ndarray, hu: np.ndarray, geometry: Geometry, mask: np.n
     edge = dict(lesion_hu=round(mu_l, 1), bone_hu=round(mu_b, 1), threshold_hu=round(threshold, 1),
                 separation=round(separation, 2))
     if separation < params.min_separation:
-        return LesionEdge(tuple(offset), before, 0, reason="not darker than the bone around it", **edge)
+        return LesionEdge(tuple(offset), before, 0, reason="not darker than the bone around it", **edge), none
     candidate = bone & (image < threshold) & (dist <= params.grow_mm)
     if not candidate.any():
-        return LesionEdge(tuple(offset), before, 0, reason="no dark bone next to it", **edge)
+        return LesionEdge(tuple(offset), before, 0, reason="no dark bone next to it", **edge), none
     comp, _ = ndimage.label(candidate | lesion, structure=_CUBE)
     touching = np.unique(comp[lesion])
     added = np.isin(comp, touching[touching > 0]) & candidate
     n_added = int(added.sum())
     lab[added] = LESION  # ``lab`` is a view into ``labels``
-    return LesionEdge(tuple(offset), before, n_added, reason="" if n_added else "no dark bone connected to it", **edge)
+    ijk = np.nonzero(added)
+    flat = np.ravel_multi_index(tuple(i + a for i, a in zip(ijk, lo)), labels.shape).astype(np.int64)
+    reason = "" if n_added else "no dark bone connected to it"
+    return LesionEdge(tuple(offset), before, n_added, reason=reason, **edge), flat

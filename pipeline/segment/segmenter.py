@@ -264,4 +264,5 @@ class Segmenter:
             info = type(info)(name=info.name, version=info.version, sha256=info.sha256, spacing_mm=spacing)
         return Segmentation(labels=labels, geometry=volume.geometry, model=info, device=str(self.device),
                             label_meta=self.bundle.label_meta or None,
-                            postprocess={"lesion_refine": refined.as_dict()})
+                            postprocess={"lesion_refine": refined.as_dict()},
+                            refined_voxels=refined.added if refined.enabled else None)
