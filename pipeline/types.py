@@ -142,7 +142,7 @@ class Segmentation:
     label_meta: dict[int, dict[str, Any]] | None = None
     # what postprocessing on the input grid changed, for the report (e.g. {"lesion_refine": {...}})
     postprocess: dict[str, Any] = field(default_factory=dict)
-    # flat (C-order) indices of voxels the lytic refinement made lesion (None: no refinement ran);
+    # (n, 3) voxel indices (i, j, k) the lytic refinement made lesion (None: no refinement ran);
     # lesion types are judged without them (pipeline/segment/lesion_refine.py)
     refined_voxels: np.ndarray | None = None
 

@@ -74,8 +74,10 @@ def test_an_under_segmented_lytic_lesion_grows_back_to_its_edge():
     assert _dice(after, s.truth_lesion) > 0.9
     assert summary.as_dict() == {"enabled": True, "lesions_examined": 1, "lesions_grown": 1,
                                  "voxels_added": int(after.sum() - before.sum())}
-    changed = np.ravel_multi_index(np.nonzero(out != s.labels), s.geom.shape)
-    assert np.array_equal(summary.added, np.sort(changed))  # exactly the voxels that became lesion
+    added = np.zeros(s.geom.shape, bool)
+    added[tuple(summary.added.T)] = True
+    assert len(summary.added) == int(added.sum())  # each voxel once
+    assert np.array_equal(added, out != s.labels)  # exactly the voxels that became lesion
     edge = summary.lesions[0]
     assert edge.lesion_hu == pytest.approx(90.0, abs=10) and edge.threshold_hu < edge.bone_hu
     # the distance the plan rests on comes back to the truth (within one voxel diagonal)
@@ -191,14 +193,14 @@ def test_type_is_judged_without_the_added_voxels():
     labels = s.labels.copy()
     labels[ring] = LESION
     vol = Volume(array=s.hu, geometry=s.geom)
-    flat = np.ravel_multi_index(np.nonzero(ring), s.geom.shape)
+    ring_ijk = np.argwhere(ring)
 
     def measure(refined):
         seg_ = Segmentation(labels=labels, geometry=s.geom, model=MODEL, refined_voxels=refined)
         (lesion,), _ = measure_lesions(vol, seg_, _post(), RULES)
         return lesion
 
-    with_record, without = measure(flat), measure(None)
+    with_record, without = measure(ring_ijk), measure(None)
     assert without.type == "lytic" and "refined_voxels_added" not in without.features
     assert with_record.type == "mixed"
     assert with_record.features["refined_voxels_added"] == int(ring.sum())

@@ -81,9 +81,9 @@ def measure_lesions(volume: Volume, seg: Segmentation, post: Postprocess,
                           params.canal.min_component_fraction)
     uncertainty = distance_uncertainty_mm(geom.spacing, seg.model.spacing_mm)
     all_bone = functools.lru_cache(maxsize=1)(lambda: all_bone_reference(labels, volume.array, slices[BONE]))
-    refined = _refined_ijk(seg.refined_voxels, labels.shape)
     lesions = [
-        _measure_one(i + 1, mask, offset, volume, labels, canal, post, rules, uncertainty, all_bone, refined)
+        _measure_one(i + 1, mask, offset, volume, labels, canal, post, rules, uncertainty, all_bone,
+                     seg.refined_voxels)
         for i, (mask, offset) in enumerate(_components(labels, slices[LESION], geom, post.min_lesion_volume_ml,
                                                        post.require_bone_contact))
     ]
@@ -92,16 +92,9 @@ def measure_lesions(volume: Volume, seg: Segmentation, post: Postprocess,
     return lesions, canal.summary()
 
 
-def _refined_ijk(flat: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray | None:
-    """(n, 3) voxel indices of the voxels the lytic refinement added (None when it did not run)."""
-    if flat is None:
-        return None
-    return np.stack(np.unravel_index(np.asarray(flat, dtype=np.int64), shape), axis=1) if len(flat) else \
-        np.zeros((0, 3), np.int64)
-
-
 def _added_in_crop(refined: np.ndarray | None, offset: tuple[int, int, int], mask: np.ndarray) -> np.ndarray | None:
-    """Boolean crop (like ``mask``) of the lesion's voxels that the lytic refinement added."""
+    """Boolean crop (like ``mask``) of the lesion's voxels that the lytic refinement added
+    (``refined``: their (i, j, k) indices, ``Segmentation.refined_voxels``)."""
     if refined is None or len(refined) == 0:
         return None
     local = refined - np.asarray(offset)
@@ -172,11 +165,10 @@ def _measure_one(lesion_id: int, mask: np.ndarray, offset: tuple[int, int, int],
     ref = bone_reference(labels, volume.array, mask, bbox, geom.spacing, post.bone_reference_margin_mm, tparams,
                          all_bone)
     # the type is judged on the voxels the network segmented: those the lytic refinement added are
-    # dark by construction and would push a mixed lesion towards lytic
+    # dark by construction and would push a mixed lesion towards lytic. Added voxels connect to
+    # the lesion they grew from, so a component holding some also holds segmented ones.
     added = _added_in_crop(refined, offset, mask)
-    segmented = None if added is None else mask & ~added
-    use_all = segmented is None or not segmented.any()
-    kind = classify_hu(hu if use_all else volume.array[crop][segmented], ref.hu, tparams)
+    kind = classify_hu(hu if added is None else volume.array[crop][mask & ~added], ref.hu, tparams)
     location, where = classify_location(centroid_ijk, canal.surface, geom, rules.measurement.location)
 
     features: dict[str, Any] = {

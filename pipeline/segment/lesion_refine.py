@@ -35,6 +35,7 @@ import numpy as np
 from scipy import ndimage
 
 from pipeline.config import LesionRefine, Postprocess
+from pipeline.measure.lesions import _components, _label_slices
 from pipeline.types import BONE, LESION, Geometry
 
 log = logging.getLogger("osteoplan.segment")
@@ -66,14 +67,14 @@ class LesionEdge:
 class RefineSummary:
     """Per-study summary, for the report: how many lesions grew and by how many voxels.
 
-    ``added`` holds the flat (C-order) indices of every voxel that became lesion, sorted: the
+    ``added`` holds the (i, j, k) index of every voxel that became lesion, one row each: the
     measurement types each lesion on the voxels the network segmented, not on the added ones,
     which are dark by construction and would push a mixed lesion towards lytic.
     """
 
     enabled: bool
     lesions: list[LesionEdge] = field(default_factory=list)
-    added: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    added: np.ndarray = field(default_factory=lambda: np.zeros((0, 3), np.int64))
 
     def as_dict(self) -> dict:
         return {"enabled": self.enabled,
@@ -90,8 +91,6 @@ def _robust(values: np.ndarray) -> tuple[float, float]:
 
 def grow_lytic_lesions(labels: np.ndarray, hu: np.ndarray, geometry: Geometry, post: Postprocess) -> RefineSummary:
     """Grow lytic lesions of ``labels`` (modified in place) into adjacent dark bone; see the module doc."""
-    from pipeline.measure.lesions import _components, _label_slices
-
     params = post.lesion_refine
     summary = RefineSummary(enabled=params.enabled)
     if not params.enabled:
@@ -102,11 +101,11 @@ def grow_lytic_lesions(labels: np.ndarray, hu: np.ndarray, geometry: Geometry, p
     kept = _components(labels, region, geometry, post.min_lesion_volume_ml, post.require_bone_contact)
     added: list[np.ndarray] = []
     for mask, offset in kept:  # masks and offsets come from the labels before any growth
-        edge, flat = _grow_one(labels, hu, geometry, mask, offset, params)
+        edge, ijk = _grow_one(labels, hu, geometry, mask, offset, params)
         summary.lesions.append(edge)
-        added.append(flat)
-    if added:
-        summary.added = np.unique(np.concatenate(added))
+        added.append(ijk)
+    if added:  # no voxel is added twice: a grown lesion's voxels are no longer bone for the next one
+        summary.added = np.concatenate(added)
     grown = [e for e in summary.lesions if e.grown]
     if grown:
         log.info("lesion refine: %d of %d lytic lesion(s) grown into adjacent dark bone, %d voxel(s) added",
@@ -116,8 +115,8 @@ def grow_lytic_lesions(labels: np.ndarray, hu: np.ndarray, geometry: Geometry, p
 
 def _grow_one(labels: np.ndarray, hu: np.ndarray, geometry: Geometry, mask: np.ndarray,
               offset: tuple[int, int, int], params: LesionRefine) -> tuple[LesionEdge, np.ndarray]:
-    """Grow one lesion; returns what was found and the flat indices of the voxels added."""
-    none = np.zeros(0, np.int64)
+    """Grow one lesion; returns what was found and the (i, j, k) indices of the voxels added."""
+    none = np.zeros((0, 3), np.int64)
     spacing = np.asarray(geometry.spacing, dtype=np.float64)
     before = int(mask.sum())
     reach_mm = max(params.grow_mm, params.reference_shell_mm[1])
@@ -158,7 +157,6 @@ def _grow_one(labels: np.ndarray, hu: np.ndarray, geometry: Geometry, mask: np.n
     added = np.isin(comp, touching[touching > 0]) & candidate
     n_added = int(added.sum())
     lab[added] = LESION  # ``lab`` is a view into ``labels``
-    ijk = np.nonzero(added)
-    flat = np.ravel_multi_index(tuple(i + a for i, a in zip(ijk, lo)), labels.shape).astype(np.int64)
+    ijk = np.argwhere(added) + np.asarray(lo, dtype=np.int64)
     reason = "" if n_added else "no dark bone connected to it"
-    return LesionEdge(tuple(offset), before, n_added, reason=reason, **edge), flat
+    return LesionEdge(tuple(offset), before, n_added, reason=reason, **edge), ijk
