@@ -139,3 +139,35 @@ def test_a_surprise_in_the_fast_path_falls_back_to_highdicom(tmp_path, monkeypat
     monkeypatch.setattr(seg_frames, "replace_frames", broken)
     ds = build_seg(case.volume, case.seg)
     assert "osteoplan_frame_sources" not in ds.__dict__ and int(ds.NumberOfFrames) > 0
+
+
+@pytest.mark.parametrize("shape", [(7, 16, 8), (5, 9, 7), (40, 3, 5), (0, 4, 4)])
+def test_planes_with_segments_is_the_per_label_any(shape):
+    """The one-pass presence masks equal ``(frames == s).any(axis=(1, 2))``, whole 64-bit words
+    per plane or not, planes in blocks or not."""
+    rng = np.random.default_rng(sum(shape))
+    frames = (rng.random(shape) < 0.02).astype(np.uint8) * rng.integers(1, 4, shape, dtype=np.uint8)
+    if shape[0] > 3:
+        frames[1] = 0  # an empty plane
+        frames[2] = 3  # a plane of one label only
+    for chunk in (1, 3, 16):
+        got = seg_frames.planes_with_segments(frames, 3, chunk=chunk)
+        assert [g.tolist() for g in got] == [(frames == s).any(axis=(1, 2)).tolist() for s in (1, 2, 3)]
+    many = seg_frames.planes_with_segments(frames, 9)  # labels up to 9: one byte of bits is not enough
+    assert [m.tolist() for m in many] == [(frames == s).any(axis=(1, 2)).tolist() for s in range(1, 10)]
+
+
+def test_a_template_source_from_another_series_falls_back_to_highdicom(tmp_path):
+    """The references to all source images are only added when highdicom would accept them."""
+    case = rh.dicom_case(tmp_path, "HFS", shape=(24, 20, 6))
+    headers = read_source_headers(case.volume)
+    template = pydicom.Dataset()
+    seg_frames.reference_all_sources(template, headers)
+    assert [str(r.ReferencedSOPInstanceUID) for r in template.SourceImageSequence] == \
+        [str(h.SOPInstanceUID) for h in headers]
+    assert len(template.ReferencedSeriesSequence) == 1
+    odd = pydicom.Dataset()
+    odd.update(headers[2])
+    odd.Rows = int(headers[2].Rows) + 1
+    with pytest.raises(seg_frames.NotApplicable):
+        seg_frames.reference_all_sources(pydicom.Dataset(), [*headers[:2], odd, *headers[3:]])

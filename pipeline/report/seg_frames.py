@@ -3,9 +3,11 @@
 highdicom builds one pydicom Dataset per frame (per-frame functional groups) and pydicom then
 encodes each of them element by element: ~1.5 ms per frame, 1-2 s for the ~600-1000 frames of a
 512x512x300-400 CT, the largest part of writing the outputs. Here highdicom still builds the
-SEG, but from a one-voxel label map (one frame): every attribute outside the frames (patient,
-study, series, segments, shared functional groups, dimension index, the 300-400 references to
-the source images) is highdicom's own. Then the three frame-dependent attributes are replaced:
+SEG, but from a one-voxel label map (one frame) on the one source image that holds the voxel:
+every attribute outside the frames (patient, study, series, segments, shared functional groups,
+dimension index) is highdicom's own. The references to every source image (Source Image Sequence,
+Referenced Series Sequence) are then made as highdicom makes them (``reference_all_sources``),
+and the three frame-dependent attributes are replaced:
 
 - ``NumberOfFrames``;
 - ``PerFrameFunctionalGroupsSequence``: the bytes of each item are assembled from pieces of
@@ -96,8 +98,7 @@ def plan_frames(frames: np.ndarray, n_segments: int, sort_index: np.ndarray) -> 
     ``frames`` (planes, rows, columns) uint8 label map; ``sort_index``: plane indices sorted along
     the slice normal.
     """
-    present = [np.zeros(frames.shape[0], bool)] + [
-        (frames == s).any(axis=(1, 2)) for s in range(1, n_segments + 1)]
+    present = [np.zeros(frames.shape[0], bool)] + planes_with_segments(frames, n_segments)
     included = np.logical_or.reduce(present[1:])
     order = [int(p) for p in sort_index if included[p]]
     rank = {p: r for r, p in enumerate(order, 1)}
@@ -109,6 +110,63 @@ def plan_frames(frames: np.ndarray, n_segments: int, sort_index: np.ndarray) -> 
                 planes.append(p)
                 pos.append(rank[p])
     return FramePlan(np.asarray(segs, int), np.asarray(planes, int), np.asarray(pos, int)), present
+
+
+def planes_with_segments(frames: np.ndarray, n_segments: int, chunk: int = 16) -> list[np.ndarray]:
+    """Per segment 1..n_segments, which planes of ``frames`` (planes, rows, columns) hold it.
+
+    The same masks as ``(frames == s).any(axis=(1, 2))`` for each s, from one pass: each voxel
+    becomes the bit ``1 << label`` (in a small scratch, a few planes at a time, so no volume-sized
+    array is allocated) and the bits of a plane are OR-ed together, 8 voxels per 64-bit word.
+    """
+    if n_segments >= 8:  # one bit per label no longer fits a byte
+        return [(frames == s).any(axis=(1, 2)) for s in range(1, n_segments + 1)]
+    nk = frames.shape[0]
+    flat = frames.reshape(nk, int(np.prod(frames.shape[1:])))
+    bits = np.zeros(nk, np.uint8)
+    if nk and flat.shape[1]:
+        scratch = np.empty((min(chunk, nk), flat.shape[1]), np.uint8)
+        words = flat.shape[1] % 8 == 0
+        for k0 in range(0, nk, chunk):
+            block = flat[k0:k0 + chunk]
+            s = scratch[:len(block)]
+            np.left_shift(np.uint8(1), block, out=s)
+            if words:
+                w = np.bitwise_or.reduce(s.view(np.uint64), axis=1)
+                bits[k0:k0 + len(block)] = np.bitwise_or.reduce(w.view(np.uint8).reshape(len(block), 8), axis=1)
+            else:
+                bits[k0:k0 + len(block)] = np.bitwise_or.reduce(s, axis=1)
+    return [(bits & np.uint8(1 << s)) != 0 for s in range(1, n_segments + 1)]
+
+
+def reference_all_sources(template: pydicom.Dataset, headers: list[pydicom.Dataset]) -> None:
+    """Make a SEG built on one source image reference every image of the series, as highdicom 0.28
+    does for a SEG built on all of them (``Image._add_source_image_references``): a Source Image
+    Sequence item per image in the given order, and the same items grouped by series (in order of
+    first appearance) in the Referenced Series Sequence.
+
+    Raises ``NotApplicable`` where highdicom would refuse the images (``_init_multiframe_image``):
+    not one study, series, frame of reference and image size.
+    """
+    if len({(str(h.StudyInstanceUID), str(h.SeriesInstanceUID), int(h.Rows), int(h.Columns),
+              str(getattr(h, "FrameOfReferenceUID", None))) for h in headers}) != 1:
+        raise NotApplicable("source images of several series, frames of reference or image sizes")
+    items: list[pydicom.Dataset] = []
+    by_series: dict[str, list[pydicom.Dataset]] = {}
+    for h in headers:
+        ref = pydicom.Dataset()
+        ref.ReferencedSOPClassUID = h.SOPClassUID
+        ref.ReferencedSOPInstanceUID = h.SOPInstanceUID
+        items.append(ref)
+        by_series.setdefault(h.SeriesInstanceUID, []).append(ref)
+    template.SourceImageSequence = items
+    series = []
+    for uid, refs in by_series.items():
+        ref = pydicom.Dataset()
+        ref.SeriesInstanceUID = uid
+        ref.ReferencedInstanceSequence = refs
+        series.append(ref)
+    template.ReferencedSeriesSequence = series
 
 
 def slice_sort_index(headers: list[pydicom.Dataset]) -> np.ndarray:
