@@ -175,3 +175,22 @@ def test_corner_labels_keep_touching_classes_in_contact():
     for fn in (logits_to_labels, sample_labels):
         got = fn(logits, canon, geom, corner_labels=True)[:, 1, 1].tolist()
         assert set(got) == {1, 2} and got == sorted(got)  # canal, then lesion, touching
+
+
+def test_keep_corner_labels_bit_path_equals_the_boolean_path():
+    """Up to 8 classes the node classes are OR-ed as bits; beyond, a boolean table is filled.
+    Both give the same masked scores."""
+    from pipeline.segment.resample import _keep_corner_labels
+
+    rng = np.random.default_rng(5)
+    nodes = rng.integers(0, 4, (5, 6, 7)).astype(np.uint8)
+    n = 500
+    lower = [rng.integers(0, s, n) for s in nodes.shape]
+    frac = [rng.choice([0.0, 1e-9, 0.3, 1.0 - 1e-9], n) for _ in range(3)]
+    scores4 = torch.from_numpy(rng.normal(size=(4, n)).astype(np.float32))
+    scores9 = torch.cat([scores4, torch.zeros(5, n)])
+    bit = _keep_corner_labels(scores4, nodes, lower, frac)
+    table = _keep_corner_labels(scores9, nodes, lower, frac)
+    assert torch.equal(bit, table[:4])
+    assert bool(torch.isinf(table[4:]).all())  # classes no node has
+    assert bool(torch.isinf(bit).any()) and bool(torch.isfinite(bit).any(dim=0).all())

@@ -326,7 +326,7 @@ def logits_to_labels(logits: torch.Tensor, canon: Geometry, geom: Geometry, slab
             lower = [_cell_index(pos[:, d], cn[d], c_lo[d], ncell[d]) for d in range(3)]
             frac = [np.clip(pos[:, d], 0, cn[d] - 1) - (lower[d] + c_lo[d]) for d in range(3)]
             scores = _keep_corner_labels(scores, node_labels, lower, frac)
-        flat_out[flat] = scores.argmax(dim=0).to(torch.uint8).numpy()
+        flat_out[flat] = argmax_channels(scores).numpy()  # scores.argmax(dim=0), ~10x faster on the CPU
     labels[lo[0]:hi[0] + 1, lo[1]:hi[1] + 1, lo[2]:hi[2] + 1] = out
     return labels
 
@@ -432,15 +432,28 @@ def _keep_corner_labels(scores: torch.Tensor, node_labels: np.ndarray, lower: li
     (crop); ``lower``: per axis the crop index of each sample's lower node; ``frac``: the
     sample's position above it."""
     n_c = scores.shape[0]
-    allowed = np.zeros((len(lower[0]), n_c), bool)
-    rows = np.arange(len(lower[0]))
     pairs = [_node_pair(lo, f, node_labels.shape[d]) for d, (lo, f) in enumerate(zip(lower, frac))]
+    out = scores.clone()
+    if n_c > 8:  # one bit per class no longer fits a byte
+        allowed = np.zeros((len(lower[0]), n_c), bool)
+        rows = np.arange(len(lower[0]))
+        for a in pairs[0]:
+            for b in pairs[1]:
+                for c in pairs[2]:
+                    allowed[rows, node_labels[a, b, c]] = True
+        out[torch.from_numpy(~allowed.T)] = -float("inf")
+        return out
+    # the classes of the 8 nodes as bits (1 << label), nodes addressed by flat index
+    flat = np.ascontiguousarray(node_labels).reshape(-1)
+    s0, s1 = node_labels.shape[1] * node_labels.shape[2], node_labels.shape[2]
+    bits = np.zeros(len(lower[0]), np.uint8)
     for a in pairs[0]:
         for b in pairs[1]:
+            ab = a * s0 + b * s1
             for c in pairs[2]:
-                allowed[rows, node_labels[a, b, c]] = True
-    out = scores.clone()
-    out[torch.from_numpy(~allowed.T)] = -float("inf")
+                bits |= np.left_shift(np.uint8(1), flat[ab + c])
+    for ch in range(n_c):
+        out[ch].masked_fill_(torch.from_numpy((bits & np.uint8(1 << ch)) == 0), -float("inf"))
     return out
 
 
