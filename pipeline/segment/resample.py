@@ -85,14 +85,20 @@ def _separable_linear(array: np.ndarray, axis_for_lps: list[int], sign: list[int
                 v = np.flip(v, axis=ax)
             continue
         i0, i1, w = _linear_taps(n_in, n_out, reverse=sign[d] < 0)
-        lo = np.take(v, i0, axis=ax).astype(np.float32, copy=False)
-        hi = np.take(v, i1, axis=ax).astype(np.float32, copy=False)
         shape = [1, 1, 1]
         shape[ax] = n_out
-        hi -= lo
-        hi *= w.reshape(shape)
-        lo += hi  # lo + w (hi - lo)
-        v = lo
+        lo = np.take(v, i0, axis=ax)
+        hi = np.take(v, i1, axis=ax)
+        if lo.dtype == np.float32:
+            hi -= lo
+            hi *= w.reshape(shape)
+            lo += hi  # lo + w (hi - lo)
+            v = lo
+        else:  # the stored integers (first pass): the same float32 operations, without float copies of lo and hi
+            diff = np.subtract(hi, lo, dtype=np.float32)  # float(hi) - float(lo)
+            del hi
+            diff *= w.reshape(shape)
+            v = np.add(lo, diff, out=diff, dtype=np.float32)  # float(lo) + w (hi - lo)
     # v's axis p is input axis mem[p]; output axis d is input axis axis_for_lps[d]
     out = v.transpose([pos_of_input_axis[axis_for_lps[d]] for d in range(3)])
     return torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32))[None, None]
