@@ -248,20 +248,28 @@ def test_local_bone_reference_excludes_lesion_shell_and_stays_in_margin():
 
 
 @pytest.mark.parametrize("dtype", [np.uint8, np.int32])
-def test_label_boxes_match_find_objects(dtype):
+@pytest.mark.parametrize("order", ["C", "F", "T"])  # T: a transposed view (neither C nor F)
+@pytest.mark.parametrize("chunk_bytes", [1, 700, 4 << 20])  # planes taken one, a few, or all at a time
+def test_label_boxes_match_find_objects(dtype, order, chunk_bytes):
     from scipy import ndimage
     from pipeline.measure.lesions import _label_slices
+
+    def arrange(a: np.ndarray) -> np.ndarray:
+        if order == "T":
+            return np.ascontiguousarray(a.transpose(1, 2, 0)).transpose(2, 0, 1)
+        return np.asarray(a, order=order)
+
     rng = np.random.default_rng(3)
     labels = np.zeros((40, 30, 20), dtype)
     labels[5:9, 3:25, 2:4] = CANAL
     labels[30, 29, 19] = LESION
     labels[0, 7, 11] = LESION
-    boxes = _label_slices(labels)
+    boxes = _label_slices(arrange(labels), chunk_bytes=chunk_bytes)
     objs = ndimage.find_objects(labels.astype(np.int32), max_label=3)
     assert boxes == {CANAL: objs[0], LESION: objs[1], BONE: None}
     labels[rng.random(labels.shape) < 0.01] = BONE
     objs = ndimage.find_objects(labels.astype(np.int32), max_label=3)
-    assert _label_slices(labels)[BONE] == objs[2]
+    assert _label_slices(arrange(labels), chunk_bytes=chunk_bytes)[BONE] == objs[2]
     assert _label_slices(np.zeros((4, 4, 4), dtype)) == {CANAL: None, LESION: None, BONE: None}
 
 

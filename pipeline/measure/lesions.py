@@ -29,33 +29,41 @@ log = logging.getLogger("osteoplan.measure")
 _CUBE = np.ones((3, 3, 3), dtype=bool)
 
 
-def _label_slices(labels: np.ndarray) -> dict[int, tuple[slice, ...] | None]:
+def _label_slices(labels: np.ndarray, chunk_bytes: int = 4 << 20) -> dict[int, tuple[slice, ...] | None]:
     """Bounding box (slices) of labels 1..3, from one cheap pass over the label map.
 
-    Each voxel becomes a bit (1 << label); OR-ing along k gives, per (i, j) column, the labels
-    present, from which the i/j ranges follow; the k range comes from the OR over that i/j crop.
-    About 8x faster than ``ndimage.find_objects`` on a 512x512x300 map (0.1 s vs 0.9 s here).
+    Each voxel becomes a bit (1 << label), a few planes at a time in a small scratch array
+    (no volume-sized copy), taken along the axis that is outermost in memory. OR-ing the bits
+    over the two other axes gives, per index along each axis, the labels present there; a box
+    runs from the first to the last index where its label is. About 8x faster than
+    ``ndimage.find_objects`` on a 512x512x300 map, with the same boxes.
     """
     values = (CANAL, LESION, BONE)
     if labels.dtype != np.uint8 or labels.size == 0 or int(labels.max()) > 7:
         lab = labels if labels.dtype.kind in "iu" else labels.astype(np.uint8)
         objs = ndimage.find_objects(lab, max_label=max(values))
         return {v: objs[v - 1] for v in values}
-    bits = np.left_shift(np.uint8(1), labels)
-    columns = np.bitwise_or.reduce(bits, axis=2)
+    outer = int(np.argmax(np.abs(labels.strides)))
+    others = tuple(a for a in range(3) if a != outer)
+    seen = [np.zeros(n, np.uint8) for n in labels.shape]  # per axis: labels present at each index
+    plane = labels.size // labels.shape[outer]
+    step = max(1, chunk_bytes // max(plane, 1))
+    scratch = None
+    for a0 in range(0, labels.shape[outer], step):
+        block = labels[tuple(slice(a0, a0 + step) if a == outer else slice(None) for a in range(3))]
+        if scratch is None:
+            scratch = np.empty_like(block)  # the labels' memory order: the shift is a straight pass
+        bits = scratch[tuple(slice(0, block.shape[outer]) if a == outer else slice(None) for a in range(3))]
+        np.left_shift(np.uint8(1), block, out=bits)
+        across = np.bitwise_or.reduce(bits, axis=outer)  # the two other axes, this block's planes OR-ed
+        seen[others[0]] |= np.bitwise_or.reduce(across, axis=1)
+        seen[others[1]] |= np.bitwise_or.reduce(across, axis=0)
+        seen[outer][a0:a0 + block.shape[outer]] = np.bitwise_or.reduce(bits, axis=others)
     out: dict[int, tuple[slice, ...] | None] = {}
     for v in values:
         bit = np.uint8(1 << v)
-        present = (columns & bit) != 0
-        ii = np.flatnonzero(present.any(axis=1))
-        if ii.size == 0:
-            out[v] = None
-            continue
-        jj = np.flatnonzero(present.any(axis=0))
-        sub = bits[ii[0]:ii[-1] + 1, jj[0]:jj[-1] + 1]
-        kk = np.flatnonzero(np.bitwise_or.reduce(sub, axis=(0, 1)) & bit)
-        out[v] = (slice(int(ii[0]), int(ii[-1]) + 1), slice(int(jj[0]), int(jj[-1]) + 1),
-                  slice(int(kk[0]), int(kk[-1]) + 1))
+        idx = [np.flatnonzero(seen[a] & bit) for a in range(3)]
+        out[v] = None if idx[0].size == 0 else tuple(slice(int(i[0]), int(i[-1]) + 1) for i in idx)
     return out
 
 
