@@ -115,7 +115,7 @@ def write_label_nifti(labels: np.ndarray, geometry: Geometry, path: Path) -> Non
     labels = np.asarray(labels)
     if tuple(labels.shape) != geometry.shape:
         raise ValueError(f"label shape {labels.shape} != geometry shape {geometry.shape}")
-    if labels.size and (labels.min() < 0 or labels.max() > 255):
+    if labels.dtype != np.uint8 and labels.size and (labels.min() < 0 or labels.max() > 255):  # uint8: always fits
         raise ValueError("label values must fit in uint8")
     nib.save(_nifti_image(labels.astype(np.uint8, copy=False), geometry), str(path))
 
