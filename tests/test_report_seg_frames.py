@@ -171,3 +171,32 @@ def test_a_template_source_from_another_series_falls_back_to_highdicom(tmp_path)
     odd.Rows = int(headers[2].Rows) + 1
     with pytest.raises(seg_frames.NotApplicable):
         seg_frames.reference_all_sources(pydicom.Dataset(), [*headers[:2], odd, *headers[3:]])
+
+
+def test_fast_seg_equals_highdicom_when_slices_differ_beyond_position(tmp_path):
+    """Real series vary per slice in more than position and UIDs (times, window, comments, slice
+    location): the fast SEG still equals highdicom's, whichever slice its template was built on."""
+    import report_helpers as helpers
+
+    case = rh.dicom_case(tmp_path, "FFS")
+    files = sorted(p for p in (tmp_path / "ct_FFS").iterdir() if p.is_file())
+    for n, path in enumerate(files):
+        ds = pydicom.dcmread(path)
+        ds.AcquisitionTime = f"1200{n % 60:02d}.{n:03d}"
+        ds.ContentTime = f"1201{n % 60:02d}"
+        ds.WindowCenter = str(40 + n)
+        ds.ImageComments = f"slice {n}"
+        ds.save_as(path)
+    from pipeline.io.load import load_input
+
+    volume = load_input(tmp_path / "ct_FFS")
+    labels = helpers.resample_nearest(case.labels, case.volume.geometry, volume.geometry)
+    labels[:, :, :3] = 0  # the first planes empty: the first frame is not on the first image
+    seg = Segmentation(labels, volume.geometry, rh.MODEL)
+    headers = read_source_headers(volume)
+    slow = build_seg(volume, seg, headers, fast=False)
+    fast = build_seg(volume, seg, headers, fast=True)
+    assert "osteoplan_frame_sources" in fast.__dict__
+    slow.save_as(str(tmp_path / "slow.dcm"), enforce_file_format=True)
+    seg_frames.save(fast, tmp_path / "fast.dcm")
+    assert _differences(pydicom.dcmread(tmp_path / "slow.dcm"), pydicom.dcmread(tmp_path / "fast.dcm")) == []
