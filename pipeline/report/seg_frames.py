@@ -3,7 +3,7 @@
 highdicom builds one pydicom Dataset per frame (per-frame functional groups) and pydicom then
 encodes each of them element by element: ~1.5 ms per frame, 1-2 s for the ~600-1000 frames of a
 512x512x300-400 CT, the largest part of writing the outputs. Here highdicom still builds the
-SEG, but from a one-voxel label map (one frame) on the one source image that holds the voxel:
+SEG, but from a one-voxel label map (one frame) on the first source image alone:
 every attribute outside the frames (patient, study, series, segments, shared functional groups,
 dimension index) is highdicom's own. The references to every source image (Source Image Sequence,
 Referenced Series Sequence) are then made as highdicom makes them (``reference_all_sources``),
