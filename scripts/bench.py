@@ -39,6 +39,7 @@ import os
 import platform
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import threading
@@ -508,6 +509,11 @@ def worker_bytes(args: argparse.Namespace) -> dict[str, Any]:
         ARENA.slots = DEFAULT_SLOTS
         out[label] = {k: round(min(v), 4) for k, v in results.items()}
         out[label]["ratio"] = round(out[label]["load_s"] / max(out[label]["bytes_s"], 1e-9), 2)
+        # the spread on a shared machine: the ratio of the medians, and of each load to its own read
+        out[label]["median_ratio"] = round(statistics.median(results["load_s"]) /
+                                           max(statistics.median(results["bytes_s"]), 1e-9), 2)
+        pairs = [ld / max(b, 1e-9) for ld, b in zip(results["load_s"], results["bytes_s"])]
+        out[label]["pair_ratio_range"] = [round(min(pairs), 2), round(max(pairs), 2)]
     out["loadavg"] = [round(x, 2) for x in os.getloadavg()]
     return out
 
@@ -793,11 +799,14 @@ def build_report(results: dict[str, Any], args: argparse.Namespace) -> tuple[str
                      " batch worker or listener; warm_fresh = the same with fresh memory, as the first load of a"
                      " process)")
         lines.append("")
-        lines.append("| | read bytes s | our load s (CPU s) | ratio |")
-        lines.append("|---|---|---|---|")
+        lines.append("| | read bytes s | our load s (CPU s) | ratio (best of each) | ratio of medians; per pair |")
+        lines.append("|---|---|---|---|---|")
         for label in (x for x in IO_ROWS if x in io):
             d = io[label]
-            lines.append(f"| {label} | {d['bytes_s']:.3f} | {d['load_s']:.3f} ({d['load_cpu_s']:.3f}) | {d['ratio']}x |")
+            spread = (f"{d['median_ratio']}x; {d['pair_ratio_range'][0]}-{d['pair_ratio_range'][1]}x"
+                      if "median_ratio" in d else "-")
+            lines.append(f"| {label} | {d['bytes_s']:.3f} | {d['load_s']:.3f} ({d['load_cpu_s']:.3f}) | {d['ratio']}x"
+                         f" | {spread} |")
     elif "bytes" in results:
         lines.append(f"- bytes: {io.get('error')}")
     dist = results.get("distance", {})
