@@ -16,6 +16,7 @@ import numpy as np
 from scipy import ndimage
 
 from pipeline.config import Postprocess
+from pipeline.labelbits import label_bits
 from pipeline.measure.canal import Canal, extract_canal
 from pipeline.measure.distance import VoxelSurface, distance_uncertainty_mm, min_box_distance, min_centre_distance
 from pipeline.measure.lesion_type import all_bone_reference, bone_reference, classify_hu
@@ -32,9 +33,7 @@ _CUBE = np.ones((3, 3, 3), dtype=bool)
 def _label_slices(labels: np.ndarray, chunk_bytes: int = 4 << 20) -> dict[int, tuple[slice, ...] | None]:
     """Bounding box (slices) of labels 1..3, from one cheap pass over the label map.
 
-    Each voxel becomes a bit (1 << label), a few planes at a time in a small scratch array
-    (no volume-sized copy), taken along the axis that is outermost in memory. OR-ing the bits
-    over the two other axes gives, per index along each axis, the labels present there; a box
+    ``labelbits.label_bits`` gives, per index along each axis, the labels present there; a box
     runs from the first to the last index where its label is. About 8x faster than
     ``ndimage.find_objects`` on a 512x512x300 map, with the same boxes.
     """
@@ -43,22 +42,7 @@ def _label_slices(labels: np.ndarray, chunk_bytes: int = 4 << 20) -> dict[int, t
         lab = labels if labels.dtype.kind in "iu" else labels.astype(np.uint8)
         objs = ndimage.find_objects(lab, max_label=max(values))
         return {v: objs[v - 1] for v in values}
-    outer = int(np.argmax(np.abs(labels.strides)))
-    others = tuple(a for a in range(3) if a != outer)
-    seen = [np.zeros(n, np.uint8) for n in labels.shape]  # per axis: labels present at each index
-    plane = labels.size // labels.shape[outer]
-    step = max(1, chunk_bytes // max(plane, 1))
-    scratch = None
-    for a0 in range(0, labels.shape[outer], step):
-        block = labels[tuple(slice(a0, a0 + step) if a == outer else slice(None) for a in range(3))]
-        if scratch is None:
-            scratch = np.empty_like(block)  # the labels' memory order: the shift is a straight pass
-        bits = scratch[tuple(slice(0, block.shape[outer]) if a == outer else slice(None) for a in range(3))]
-        np.left_shift(np.uint8(1), block, out=bits)
-        across = np.bitwise_or.reduce(bits, axis=outer)  # the two other axes, this block's planes OR-ed
-        seen[others[0]] |= np.bitwise_or.reduce(across, axis=1)
-        seen[others[1]] |= np.bitwise_or.reduce(across, axis=0)
-        seen[outer][a0:a0 + block.shape[outer]] = np.bitwise_or.reduce(bits, axis=others)
+    seen = label_bits(labels, chunk_bytes=chunk_bytes)
     out: dict[int, tuple[slice, ...] | None] = {}
     for v in values:
         bit = np.uint8(1 << v)

@@ -41,6 +41,8 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_data_element, write_dataset
 from pydicom.tag import Tag
 
+from pipeline.labelbits import label_bits
+
 log = logging.getLogger("osteoplan.report.seg")
 
 CHECKED_HIGHDICOM = ("0.28",)
@@ -115,27 +117,13 @@ def plan_frames(frames: np.ndarray, n_segments: int, sort_index: np.ndarray) -> 
 def planes_with_segments(frames: np.ndarray, n_segments: int, chunk: int = 16) -> list[np.ndarray]:
     """Per segment 1..n_segments, which planes of ``frames`` (planes, rows, columns) hold it.
 
-    The same masks as ``(frames == s).any(axis=(1, 2))`` for each s, from one pass: each voxel
-    becomes the bit ``1 << label`` (in a small scratch, a few planes at a time, so no volume-sized
-    array is allocated) and the bits of a plane are OR-ed together, 8 voxels per 64-bit word.
+    The same masks as ``(frames == s).any(axis=(1, 2))`` for each s, from one pass
+    (``labelbits.label_bits``, ``chunk`` planes at a time).
     """
     if n_segments >= 8:  # one bit per label no longer fits a byte
         return [(frames == s).any(axis=(1, 2)) for s in range(1, n_segments + 1)]
-    nk = frames.shape[0]
-    flat = frames.reshape(nk, int(np.prod(frames.shape[1:])))
-    bits = np.zeros(nk, np.uint8)
-    if nk and flat.shape[1]:
-        scratch = np.empty((min(chunk, nk), flat.shape[1]), np.uint8)
-        words = flat.shape[1] % 8 == 0
-        for k0 in range(0, nk, chunk):
-            block = flat[k0:k0 + chunk]
-            s = scratch[:len(block)]
-            np.left_shift(np.uint8(1), block, out=s)
-            if words:
-                w = np.bitwise_or.reduce(s.view(np.uint64), axis=1)
-                bits[k0:k0 + len(block)] = np.bitwise_or.reduce(w.view(np.uint8).reshape(len(block), 8), axis=1)
-            else:
-                bits[k0:k0 + len(block)] = np.bitwise_or.reduce(s, axis=1)
+    plane = max(1, frames.shape[1] * frames.shape[2])
+    bits = label_bits(frames, axes=(0,), chunk_bytes=chunk * plane)[0]
     return [(bits & np.uint8(1 << s)) != 0 for s in range(1, n_segments + 1)]
 
 
