@@ -326,13 +326,14 @@ def _build_seg_fast(frames: np.ndarray, seg: Segmentation, headers: list[pydicom
     position, segment and pixels) are all replaced, so the voxel only has to be one of the map's
     labels. The tests compare the files element by element.
     """
-    k = int(np.flatnonzero(frames.reshape(len(frames), -1).any(axis=1))[0])  # the first non-empty plane
+    masks = seg_frames.planes_with_segments(frames, n_segments)  # also the frame plan's
+    k = int(np.flatnonzero(np.logical_or.reduce(masks))[0])  # the first non-empty plane
     r, c = (int(v[0]) for v in np.nonzero(frames[k]))
     one = np.zeros((1,) + frames.shape[1:], np.uint8)
     one[0, r, c] = frames[k, r, c]
     template = _hd_segmentation(one, seg, headers[:1], n_segments, omit_empty_frames=True, preview=preview)
     seg_frames.reference_all_sources(template, headers)
-    return seg_frames.replace_frames(template, headers, frames, n_segments)
+    return seg_frames.replace_frames(template, headers, frames, n_segments, masks)
 
 
 def _hd_segmentation(pixels: np.ndarray | hd.Volume, seg: Segmentation, headers: list[pydicom.Dataset],

@@ -94,13 +94,16 @@ def _encode_item(item: pydicom.Dataset) -> bytes:
     return fp.getvalue()
 
 
-def plan_frames(frames: np.ndarray, n_segments: int, sort_index: np.ndarray) -> tuple[FramePlan, list[np.ndarray]]:
+def plan_frames(frames: np.ndarray, n_segments: int, sort_index: np.ndarray,
+                masks: list[np.ndarray] | None = None) -> tuple[FramePlan, list[np.ndarray]]:
     """Frame order as highdicom makes it, and per segment the mask of planes where it is present.
 
     ``frames`` (planes, rows, columns) uint8 label map; ``sort_index``: plane indices sorted along
-    the slice normal.
+    the slice normal; ``masks``: ``planes_with_segments(frames, n_segments)`` if the caller has it.
     """
-    present = [np.zeros(frames.shape[0], bool)] + planes_with_segments(frames, n_segments)
+    if masks is None:
+        masks = planes_with_segments(frames, n_segments)
+    present = [np.zeros(frames.shape[0], bool)] + list(masks)
     included = np.logical_or.reduce(present[1:])
     order = [int(p) for p in sort_index if included[p]]
     rank = {p: r for r, p in enumerate(order, 1)}
@@ -196,11 +199,12 @@ def _template_pieces(item: pydicom.Dataset) -> list[bytes]:
 
 
 def replace_frames(template: hd.seg.Segmentation, headers: list[pydicom.Dataset], frames: np.ndarray,
-                   n_segments: int) -> pydicom.Dataset:
+                   n_segments: int, masks: list[np.ndarray] | None = None) -> pydicom.Dataset:
     """Turn the one-frame ``template`` SEG into the SEG of ``frames`` (see the module docstring).
 
     ``headers`` are the single-frame source images in plane order (``frames[k]`` is on
-    ``headers[k]``). Returns the same dataset object, changed in place.
+    ``headers[k]``); ``masks`` as for ``plan_frames``. Returns the same dataset object, changed in
+    place.
     """
     if not hd.__version__.startswith(CHECKED_HIGHDICOM):
         raise NotApplicable(f"highdicom {hd.__version__} is not the version this path was checked against")
@@ -208,7 +212,7 @@ def replace_frames(template: hd.seg.Segmentation, headers: list[pydicom.Dataset]
         raise NotApplicable("source images of several SOP classes")
     if int(template.NumberOfFrames) != 1:
         raise NotApplicable("the template SEG does not have exactly one frame")
-    plan, _ = plan_frames(frames, n_segments, slice_sort_index(headers))
+    plan, _ = plan_frames(frames, n_segments, slice_sort_index(headers), masks)
     if plan.segments.size == 0:
         raise NotApplicable("empty label map")
     positions = hd.utils.get_plane_positions_of_series(headers)
