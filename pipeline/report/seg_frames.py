@@ -6,7 +6,7 @@ encodes each of them element by element: ~1.5 ms per frame, 1-2 s for the ~600-1
 SEG, but from a one-voxel label map (one frame) on the first source image alone:
 every attribute outside the frames (patient, study, series, segments, shared functional groups,
 dimension index) is highdicom's own. The references to every source image (Source Image Sequence,
-Referenced Series Sequence) are then made as highdicom makes them (``reference_all_sources``),
+Referenced Series Sequence) are then added by highdicom's own method (``reference_all_sources``),
 and the three frame-dependent attributes are replaced:
 
 - ``NumberOfFrames``;
@@ -131,33 +131,23 @@ def planes_with_segments(frames: np.ndarray, n_segments: int, chunk: int = 16) -
 
 
 def reference_all_sources(template: pydicom.Dataset, headers: list[pydicom.Dataset]) -> None:
-    """Make a SEG built on one source image reference every image of the series, as highdicom 0.28
-    does for a SEG built on all of them (``Image._add_source_image_references``): a Source Image
-    Sequence item per image in the given order, and the same items grouped by series (in order of
-    first appearance) in the Referenced Series Sequence.
+    """Make a SEG built on one source image reference every image of the series, with highdicom's
+    own ``_Image._add_source_image_references`` (0.28), which a SEG built on all of them runs: a
+    Source Image Sequence item per image in the given order, the same items grouped by series in
+    the Referenced Series Sequence.
 
     Raises ``NotApplicable`` where highdicom would refuse the images (``_init_multiframe_image``):
-    not one study, series, frame of reference and image size.
+    not one study, series, frame of reference and image size; or where that method is missing.
     """
     if len({(str(h.StudyInstanceUID), str(h.SeriesInstanceUID), int(h.Rows), int(h.Columns),
               str(getattr(h, "FrameOfReferenceUID", None))) for h in headers}) != 1:
         raise NotApplicable("source images of several series, frames of reference or image sizes")
-    items: list[pydicom.Dataset] = []
-    by_series: dict[str, list[pydicom.Dataset]] = {}
-    for h in headers:
-        ref = pydicom.Dataset()
-        ref.ReferencedSOPClassUID = h.SOPClassUID
-        ref.ReferencedSOPInstanceUID = h.SOPInstanceUID
-        items.append(ref)
-        by_series.setdefault(h.SeriesInstanceUID, []).append(ref)
-    template.SourceImageSequence = items
-    series = []
-    for uid, refs in by_series.items():
-        ref = pydicom.Dataset()
-        ref.SeriesInstanceUID = uid
-        ref.ReferencedInstanceSequence = refs
-        series.append(ref)
-    template.ReferencedSeriesSequence = series
+    try:
+        from highdicom.image import _Image
+        add_references = _Image._add_source_image_references
+    except (ImportError, AttributeError) as exc:  # pragma: no cover - another highdicom
+        raise NotApplicable(f"highdicom internals changed: {exc}") from exc
+    add_references(template, headers, None)  # sets only these two sequences (no further images)
 
 
 def slice_sort_index(headers: list[pydicom.Dataset]) -> np.ndarray:
