@@ -160,7 +160,7 @@ def _measure_one(lesion_id: int, mask: np.ndarray, offset: tuple[int, int, int],
     # dark by construction and would push a mixed lesion towards lytic. Added voxels connect to
     # the lesion they grew from, so a component holding some also holds segmented ones.
     added = _added_in_crop(refined, offset, mask)
-    kind = classify_hu(hu if added is None else volume.array[crop][mask & ~added], ref.hu, tparams)
+    kind = classify_hu(hu if added is None else hu[~added[mask]], ref.hu, tparams)
     location, where = classify_location(centroid_ijk, canal.surface, geom, rules.measurement.location)
 
     features: dict[str, Any] = {

@@ -35,12 +35,11 @@ import numpy as np
 from scipy import ndimage
 
 from pipeline.config import LesionRefine, Postprocess
-from pipeline.measure.lesions import _components, _label_slices
+from pipeline.measure.lesions import _CUBE, _components, _label_slices
 from pipeline.types import BONE, LESION, Geometry
 
 log = logging.getLogger("osteoplan.segment")
 
-_CUBE = np.ones((3, 3, 3), dtype=bool)
 _MAD_TO_SIGMA = 1.4826
 _MIN_VOXELS = 8  # a core or a bone shell with fewer voxels gives no usable intensity estimate
 
