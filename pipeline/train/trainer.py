@@ -158,6 +158,9 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+ELASTIC_PROB = 0.05  # share of training patches given an elastic deformation
+
+
 def _transforms(cfg: TrainConfig):
     from monai import transforms as T
 
@@ -170,8 +173,12 @@ def _transforms(cfg: TrainConfig):
         T.RandFlipd(keys, prob=0.3, spatial_axis=2),
         T.RandAffined(keys, prob=0.2, rotate_range=(0.15, 0.15, 0.15), scale_range=(0.12, 0.12, 0.12),
                       mode=("bilinear", "nearest"), padding_mode="border"),
-        T.Rand3DElasticd(keys, prob=0.05, sigma_range=(5, 8), magnitude_range=(20, 60),
-                         mode=("bilinear", "nearest"), padding_mode="border"),
+        # MONAI 1.6's Rand3DElasticd draws its full-size offset field and resamples both keys through an
+        # identity grid even when its own prob says "skip" (~80 ms per patch, a third of the worker's time);
+        # OneOf applies it with the same 5 % share and costs nothing the other 95 %.
+        T.OneOf([T.Rand3DElasticd(keys, prob=1.0, sigma_range=(5, 8), magnitude_range=(20, 60),
+                                  mode=("bilinear", "nearest"), padding_mode="border"),
+                 T.Identityd(keys)], weights=[ELASTIC_PROB, 1.0 - ELASTIC_PROB]),
         T.RandScaleIntensityd("image", factors=0.15, prob=0.5),
         T.RandShiftIntensityd("image", offsets=0.08, prob=0.5),
         T.RandAdjustContrastd("image", gamma=(0.8, 1.25), prob=0.2),
