@@ -174,8 +174,8 @@ def _transforms(cfg: TrainConfig):
         T.RandAffined(keys, prob=0.2, rotate_range=(0.15, 0.15, 0.15), scale_range=(0.12, 0.12, 0.12),
                       mode=("bilinear", "nearest"), padding_mode="border"),
         # MONAI 1.6's Rand3DElasticd draws its full-size offset field and resamples both keys through an
-        # identity grid even when its own prob says "skip" (~80 ms per patch, a third of the worker's time);
-        # OneOf applies it with the same 5 % share and costs nothing the other 95 %.
+        # identity grid even when its own prob says "skip" (~80 ms of a 96^3 patch's ~270 ms on one core);
+        # OneOf applies it with the same 5 % share and costs nothing the other 95 % (tests/test_train_augment.py).
         T.OneOf([T.Rand3DElasticd(keys, prob=1.0, sigma_range=(5, 8), magnitude_range=(20, 60),
                                   mode=("bilinear", "nearest"), padding_mode="border"),
                  T.Identityd(keys)], weights=[ELASTIC_PROB, 1.0 - ELASTIC_PROB]),
