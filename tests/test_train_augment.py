@@ -81,3 +81,14 @@ def test_stage5_config_never_overwrites_the_shipped_bundle():
     assert cfg.version != shipped["version"] and cfg.workdir != stage4.workdir
     assert cfg.network == stage4.network and cfg.intensity == stage4.intensity  # same bundle contract
     assert cfg.data.phantom.diversity == stage4.data.phantom.diversity  # the stage-4 generator, longer
+
+
+def test_stage6_config_is_stage5_with_half_the_pool_plain():
+    from pipeline.train.trainer import load_train_config
+
+    ft5 = load_train_config("configs/train_gpu_ft5.yaml")
+    ft6 = load_train_config("configs/train_gpu_ft6.yaml")
+    assert ft6.data.phantom.diversity_share == 0.5 and ft5.data.phantom.diversity_share == 1.0
+    assert ft6.data.phantom.diversity == ft5.data.phantom.diversity
+    assert ft6.init_from == ft5.init_from == "models/osteoplan-spine"
+    assert ft6.export_name not in (ft5.export_name, "osteoplan-spine") and ft6.workdir != ft5.workdir

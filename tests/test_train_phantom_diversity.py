@@ -262,3 +262,32 @@ def test_fine_tune_config_smoke_trains_and_exports(tmp_path, monkeypatch):
     for k in moved:
         torch.testing.assert_close(shipped[k], 0.5 * start[k] + 0.5 * trained[k])
     assert md["training"]["init_weight_share"] == 0.5
+
+
+def test_diversity_share_mixes_plain_and_diverse_phantoms():
+    """diversity_share 0.5: half the pool is the plain generator's (the same phantoms as with the options
+    off, case for case), the other half differs; share 1 is the pool as before the option existed."""
+    args = (6, 7, (1.5, 1.5, 1.5), (3.0, 3.0, 3.0), (64, 56, 40), 0.5, 0.3)
+    div = {"canal_shapes": ["triangle"], "csf_like_tissue_prob": 1.0}
+    plain = phantom_cases(*args)
+    full = phantom_cases(*args, diversity=div)
+    assert _sha(*[c.image for c in full]) == _sha(*[c.image for c in phantom_cases(*args, diversity=div,
+                                                                                     diversity_share=1.0)])
+    half = phantom_cases(*args, diversity=div, diversity_share=0.5)
+    same_as_plain = [np.array_equal(h.image, p.image) for h, p in zip(half, plain)]
+    same_as_full = [np.array_equal(h.image, f.image) for h, f in zip(half, full)]
+    assert sum(same_as_plain) == 3 and all(a != b for a, b in zip(same_as_plain, same_as_full))
+    none = phantom_cases(*args, diversity=div, diversity_share=0.0)
+    assert all(np.array_equal(a.image, b.image) for a, b in zip(none, plain))
+
+
+def test_diversity_share_is_validated(tmp_path):
+    from pipeline.errors import InputError
+    from pipeline.train.trainer import load_train_config
+
+    cfg = yaml.safe_load(open("configs/train_gpu_ft6.yaml"))
+    cfg["data"]["phantom"]["diversity_share"] = 1.5
+    p = tmp_path / "bad.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(InputError, match="diversity_share"):
+        load_train_config(p)

@@ -35,11 +35,14 @@ class Case:
 
 def phantom_cases(n: int, seed: int, spacing: tuple[float, float, float], fast_spacing: tuple[float, float, float],
                   shape: tuple[int, int, int], domain_randomise_prob: float, fast_share: float,
-                  workers: int = 0, diversity: dict | None = None) -> list[Case]:
+                  workers: int = 0, diversity: dict | None = None, diversity_share: float = 1.0) -> list[Case]:
     """``n`` randomised phantoms. The draws are made here in one stream, so ``workers`` (processes)
     changes the speed, never the result. ``diversity``: ``pipeline.train.phantom.Diversity`` fields
-    (None or all off: the phantoms are exactly those made before the option existed)."""
+    (None or all off: the phantoms are exactly those made before the option existed).
+    ``diversity_share``: the share of the ``n`` phantoms drawn with ``diversity`` (a seeded subset,
+    from a stream of its own); the others are the plain generator's, the same phantoms as without it."""
     rng = np.random.default_rng(seed)
+    diverse = _diverse_subset(n, seed, diversity_share) if diversity else set()
     jobs = []
     for idx in range(n):
         s = int(rng.integers(0, 2**31 - 1))
@@ -47,8 +50,21 @@ def phantom_cases(n: int, seed: int, spacing: tuple[float, float, float], fast_s
         sp = np.asarray(fast_spacing if coarse else spacing) * rng.uniform(0.9, 1.1, 3)
         dr = bool(rng.random() < domain_randomise_prob)
         n_les = int(rng.choice([0, 1, 2, 3, 4], p=[0.1, 0.25, 0.3, 0.2, 0.15]))
-        jobs.append((s, tuple(shape), tuple(float(v) for v in sp), dr, n_les, f"phantom-{seed}-{idx}", diversity))
+        jobs.append((s, tuple(shape), tuple(float(v) for v in sp), dr, n_les, f"phantom-{seed}-{idx}",
+                     diversity if idx in diverse else None))
     return parallel_map(_phantom_case, jobs, workers)
+
+
+def _diverse_subset(n: int, seed: int, share: float) -> set[int]:
+    """Which of ``n`` phantoms get the diversity options: all at share 1, else round(share * n) of
+    them chosen by a stream of their own (the phantoms' own draws are untouched)."""
+    if not 0.0 <= share <= 1.0:
+        raise ValueError(f"diversity_share must be in [0, 1], got {share}")
+    if share >= 1.0:
+        return set(range(n))
+    k = int(round(share * n))
+    pick = np.random.default_rng([seed, 0xD5A7E]).choice(n, size=k, replace=False)
+    return {int(i) for i in pick}
 
 
 def _phantom_case(job: tuple) -> Case:

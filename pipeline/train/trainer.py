@@ -59,6 +59,8 @@ class PhantomSource(BaseModel):
     domain_randomise_prob: float = 0.4
     fast_share: float = 0.25
     diversity: PhantomDiversity = PhantomDiversity()
+    diversity_share: float = Field(1.0, ge=0.0, le=1.0, description="share of the training phantoms drawn with "
+                                   "`diversity` (a seeded subset); the rest are the plain generator's")
 
 
 class NnunetSource(BaseModel):
@@ -208,7 +210,8 @@ def _build_pool(cfg: TrainConfig, rank: int, cache_dir: Path):
         t0 = time.time()
         tr = phantom_cases(pc.n_train, cfg.seed * 1000 + rank, cfg.target_spacing_mm, cfg.fast_spacing_mm, pc.shape,
                            pc.domain_randomise_prob, pc.fast_share, workers=cfg.data.pool_workers,
-                           diversity=None if pc.diversity.is_off() else pc.diversity.model_dump())
+                           diversity=None if pc.diversity.is_off() else pc.diversity.model_dump(),
+                           diversity_share=pc.diversity_share)
         va = phantom_cases(pc.n_val, 10_000_000 + cfg.seed, cfg.target_spacing_mm, cfg.fast_spacing_mm, pc.shape,
                            0.0, 0.0)
         train = [(_normalise_np(c.image, cfg.intensity), c.labels) for c in tr]
