@@ -11,7 +11,9 @@ the other outputs are still written.
 The SEG's source headers can be read ahead (``start_source_prefetch``, while the model runs).
 With ``PARALLEL_NIFTI_MIN_CPUS`` usable CPUs or more the NIfTI is compressed in a thread beside
 the SEG and SR; otherwise, and for the other writers, they run one after the other (HTML/NIfTI
-in a thread beside the SEG was measured slower on 2 cores: the SEG holds the GIL).
+in a thread beside the SEG was measured slower on 2 cores: the SEG holds the GIL; since the NIfTI
+is gzipped in large GIL-free chunks, session 9, the thread no longer loses time, but on 2 cores
+the write stage as a whole did not get faster, BENCHMARKS.md).
 """
 
 from __future__ import annotations
