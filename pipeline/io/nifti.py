@@ -11,27 +11,28 @@ Rules (README "Input" copies them):
   scl_slope/scl_inter; non-finite values are set to -1024 HU with a warning. The array is int16
   when the values are whole numbers in the int16 range, else float32.
 - Writing: ``affine = geometry.affine_ras`` for both qform and sform (code 1, scanner), units mm,
-  gzip when the name ends in ``.gz``. Label maps are uint8. A slice-major label map (the pipeline's
-  own, see ``logits_to_labels(order="F")``) is gzipped in a few large chunks rather than by nibabel
-  one slice at a time: the same bytes, but zlib runs without the GIL for whole chunks, so the file
-  no longer waits for the GIL once per slice while the SEG is built beside it.
+  gzip when the name ends in ``.gz``. Label maps are uint8. nibabel writes the file, but a .gz
+  reaches zlib through a ``GZIP_CHUNK_BYTES`` buffer instead of one write per slice: the same bytes,
+  and zlib runs without the GIL for whole chunks, so the file no longer waits for the GIL once per
+  slice while the SEG is built beside it.
 """
 
 from __future__ import annotations
 
 import gzip
+import io
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from nibabel.openers import Opener
 
 from pipeline.errors import InputError
 from pipeline.types import Geometry, Volume
 
 LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 SHEAR_TOL = 1e-3
-GZIP_CHUNK_BYTES = 16 << 20  # voxels handed to zlib at a time when a label map is gzipped in chunks
-NIFTI1_VOX_OFFSET = 352  # a single-file NIfTI-1: the 348-byte header and the 4-byte extension flag
+GZIP_CHUNK_BYTES = 16 << 20  # bytes handed to zlib at a time when a .nii.gz is written
 
 
 def geometry_from_affine(affine_ras: np.ndarray, shape: tuple[int, ...]) -> Geometry:
@@ -123,36 +124,20 @@ def write_label_nifti(labels: np.ndarray, geometry: Geometry, path: Path) -> Non
         raise ValueError(f"label shape {labels.shape} != geometry shape {geometry.shape}")
     if labels.dtype != np.uint8 and labels.size and (labels.min() < 0 or labels.max() > 255):  # uint8: always fits
         raise ValueError("label values must fit in uint8")
-    labels = labels.astype(np.uint8, copy=False)
-    img = _nifti_image(labels, geometry)
-    if str(path).endswith(".nii.gz") and labels.ndim == 3 and labels.T.flags.c_contiguous:
-        _save_label_gz_chunked(img, labels, Path(path))
-    else:
+    _save(_nifti_image(labels.astype(np.uint8, copy=False), geometry), Path(path))
+
+
+def _save(img: nib.Nifti1Image, path: Path) -> None:
+    """``nib.save``, except that a .gz gets nibabel's bytes through a ``GZIP_CHUNK_BYTES`` buffer:
+    nibabel writes a volume one slice at a time, and each of those writes would release and
+    re-take the GIL in zlib (tests compare the decompressed file with ``nib.save``'s)."""
+    if not path.name.endswith(".gz"):
         nib.save(img, str(path))
-
-
-def _label_header_bytes(img: nib.Nifti1Image, labels: np.ndarray) -> bytes:
-    """What ``nib.save`` writes before a uint8 label map's voxels in a .nii (tests compare the two)."""
-    hdr = img.header.copy()
-    hdr.set_data_shape(labels.shape)
-    hdr.set_data_dtype(np.uint8)
-    hdr["vox_offset"] = NIFTI1_VOX_OFFSET
-    hdr["scl_slope"], hdr["scl_inter"] = 1.0, 0.0  # what nibabel's array writer records for uint8 -> uint8
-    block = hdr.binaryblock + b"\x00" * 4  # no extensions
-    if len(block) != NIFTI1_VOX_OFFSET:
-        raise ValueError(f"unexpected NIfTI-1 header size {len(block)}")
-    return block
-
-
-def _save_label_gz_chunked(img: nib.Nifti1Image, labels: np.ndarray, path: Path) -> None:
-    """A .nii.gz of a slice-major (Fortran-ordered) uint8 map: header, then its memory as it lies,
-    in GZIP_CHUNK_BYTES pieces, at nibabel's gzip level (1)."""
-    header = _label_header_bytes(img, labels)
-    voxels = memoryview(labels.T).cast("B")  # C-contiguous (k, j, i): the file's voxel order
-    with open(path, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=1, mtime=0) as gz:
-        gz.write(header)
-        for start in range(0, len(voxels), GZIP_CHUNK_BYTES):
-            gz.write(voxels[start:start + GZIP_CHUNK_BYTES])
+        return
+    level = Opener.default_compresslevel  # nib.save's
+    with open(path, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=level, mtime=0) as gz, \
+            io.BufferedWriter(gz, buffer_size=GZIP_CHUNK_BYTES) as chunked:
+        img.to_file_map({"image": nib.FileHolder(fileobj=chunked)})
 
 
 def write_volume_nifti(volume: Volume, path: Path) -> None:
@@ -160,4 +145,4 @@ def write_volume_nifti(volume: Volume, path: Path) -> None:
     arr = volume.array
     if arr.dtype not in (np.int16, np.float32):
         arr = arr.astype(np.float32)
-    nib.save(_nifti_image(arr, volume.geometry), str(path))
+    _save(_nifti_image(arr, volume.geometry), Path(path))
