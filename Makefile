@@ -40,11 +40,13 @@ train: venv
 	$(BIN)/osteoplan train --config configs/train.yaml
 	$(BIN)/osteoplan train --config configs/train_real.yaml
 
-## Stages 3 and 4 on a CUDA GPU (configs/train_gpu.yaml fine-tunes stage 2's run, configs/train_gpu_ft.yaml
-## fine-tunes stage 3's and exports the shipped WiSE-FT mix). Runs, checkpoints and TensorBoard logs: runs/.
+## Stages 3, 4 and 6 on a CUDA GPU (configs/train_gpu.yaml fine-tunes stage 2's run, configs/train_gpu_ft.yaml
+## fine-tunes stage 3's and exports 0.3.0, configs/train_gpu_ft6.yaml fine-tunes 0.3.0 and exports the shipped
+## WiSE-FT mix 0.4.0; stage 5 was not shipped). Runs, checkpoints and TensorBoard logs: runs/.
 train-gpu: venv
 	$(BIN)/osteoplan train --config configs/train_gpu.yaml --no-resume
 	$(BIN)/osteoplan train --config configs/train_gpu_ft.yaml --no-resume
+	$(BIN)/osteoplan train --config configs/train_gpu_ft6.yaml --no-resume
 
 evaluate: venv
 	$(BIN)/python scripts/evaluate_real.py

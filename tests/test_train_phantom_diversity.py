@@ -200,28 +200,33 @@ def test_real_insert_options_off_keep_the_cases_and_on_make_small_low_contrast_l
     assert low and all(d <= 80.0 + 1e-6 for d in low)
 
 
-def test_fine_tune_config_is_the_shipped_stage_4_from_stage_3():
+def test_shipped_bundle_is_stage_6_from_stage_4_from_stage_3():
+    """0.4.0 = configs/train_gpu_ft6.yaml started from the bundle stage 4 exports (0.3.0), which
+    started from stage 3's run; the metadata records the run and both weights' hashes."""
     import json
 
     import torch
 
     from pipeline.train.trainer import REPO_ROOT, _state_sha256, load_train_config
 
-    cfg = load_train_config("configs/train_gpu_ft.yaml")
     shipped = json.loads((REPO_ROOT / "models/osteoplan-spine/metadata.json").read_text())
-    assert cfg.export_name == "osteoplan-spine" and cfg.version == shipped["version"] == "0.3.0"
-    assert cfg.time_limit_s and cfg.workdir != "runs/osteoplan-spine-gpu"
-    assert not cfg.data.phantom.diversity.is_off()
-    stage3 = load_train_config("configs/train_gpu.yaml")
-    assert cfg.init_from == f"{stage3.workdir}/checkpoint.pt"  # stage 3's run
-    assert cfg.network == stage3.network and cfg.intensity == stage3.intensity  # same bundle contract
+    ft6 = load_train_config("configs/train_gpu_ft6.yaml")
+    assert ft6.export_name == shipped["name"] == "osteoplan-spine" and ft6.version == shipped["version"] == "0.4.0"
     t = shipped["training"]
-    assert t["init_weight_share"] == cfg.init_weight_share == 0.5 and t["init_from"] == cfg.init_from
-    ckpt = REPO_ROOT / cfg.init_from
-    if not ckpt.is_file():
-        pytest.skip(f"{cfg.init_from} is not in this checkout (runs/ is not versioned)")
-    # the shipped mix was made from exactly these start weights
-    assert _state_sha256(torch.load(ckpt, map_location="cpu", weights_only=False)["model"]) == t["init_weights_sha256"]
+    assert (t["init_from"], t["init_weight_share"], t["seed"], t["lr"]) == (ft6.init_from, ft6.init_weight_share,
+                                                                           ft6.seed, ft6.lr)
+    assert t["init_weight_share"] == 0.5 and t["data"]["phantom"]["diversity_share"] == 0.5
+    stage4 = load_train_config("configs/train_gpu_ft.yaml")
+    assert REPO_ROOT / ft6.init_from == REPO_ROOT / "models" / stage4.export_name  # stage 6 starts from stage 4's export
+    assert stage4.version == "0.3.0" and not stage4.data.phantom.diversity.is_off()
+    stage3 = load_train_config("configs/train_gpu.yaml")
+    assert stage4.init_from == f"{stage3.workdir}/checkpoint.pt"  # stage 3's run
+    for cfg in (stage3, stage4, ft6):  # same bundle contract
+        assert cfg.network == ft6.network and cfg.intensity == ft6.intensity
+    # the shipped weights are the export, not the unmixed fine-tune nor the start weights
+    weights = _state_sha256(torch.load(REPO_ROOT / "models/osteoplan-spine/model.pt", map_location="cpu",
+                                       weights_only=False))
+    assert weights not in (t["init_weights_sha256"], t["trained_weights_sha256"])
 
 
 def test_fine_tune_config_smoke_trains_and_exports(tmp_path, monkeypatch):
