@@ -7,6 +7,7 @@ half-written study folder.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -86,6 +87,15 @@ class StudyRunner:
         self.segmenter = Segmenter.from_bundle(
             self.options.model or self.config.model, device=self.options.device, config=self.config
         )
+        self.studies_started = 0
+        freeze_long_lived()
+
+    def _before_study(self) -> None:
+        """The first study imports and caches what later studies reuse (highdicom's tables, the
+        writers...): from the second on, those are frozen too (``freeze_long_lived``)."""
+        self.studies_started += 1
+        if self.studies_started == 2:
+            freeze_long_lived()
 
     def run(self, input_path: Path, output_root: Path, options: StudyOptions | None = None,
             volume: Volume | None = None) -> StudyResult:
@@ -96,6 +106,7 @@ class StudyRunner:
         from pipeline.report.json_report import build_report
 
         opts = options or self.options
+        self._before_study()
         timer = Timer()
         t_start = time.perf_counter()
         input_path = Path(input_path)
@@ -127,6 +138,21 @@ class StudyRunner:
         with timer.stage("write"):
             _write_outputs(study_dir, volume, seg, lesions, recs, canal, report, opts, timer, t_start, sources)
         return StudyResult(study_dir, report, volume, seg, lesions, recs)
+
+
+def freeze_long_lived() -> None:
+    """Keep the objects alive now (modules, the model, configs) out of the cyclic garbage collector.
+
+    A runner holds ~0.5M Python objects (PyTorch, MONAI, pydicom, highdicom) that live as long as
+    the process. Without this, every few studies a full collection walks all of them: 0.3-0.4 s on
+    the 2-core CPU, ~0.5 s on the GPU hosts, in whichever stage it lands (BENCHMARKS.md). Unreachable
+    cycles are collected first (``gc.collect``), then the survivors go to the permanent generation
+    (``gc.freeze``): later collections skip them, reference counting still frees them. A frozen
+    object that becomes part of a garbage cycle later is not collected; only what is alive when a
+    runner starts and after its first study is frozen, not the objects of later studies.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 def fast_mode_warning(fast_mm: tuple[float, ...], default_mm: tuple[float, ...]) -> str:

@@ -26,3 +26,15 @@ def shipped_model() -> Path:
     if not (MODEL_DIR / "metadata.json").is_file():
         pytest.skip("shipped model bundle models/osteoplan-spine is missing")
     return MODEL_DIR
+
+
+@pytest.fixture(autouse=True)
+def _unfreeze_gc():
+    """A StudyRunner freezes the objects alive when it starts (pipeline.study.freeze_long_lived):
+    right for a worker process, not for the test process, whose fixtures come and go. Undo it
+    after each test so garbage cycles of later tests are collected as usual."""
+    yield
+    import gc
+
+    if gc.get_freeze_count():
+        gc.unfreeze()
