@@ -51,3 +51,19 @@ def test_later_studies_make_no_full_collection_over_the_runner(shipped_model, tm
         runner.run(sample, tmp_path / str(k))
     tracked = len(gc.get_objects())
     assert tracked < 20_000, tracked  # unfrozen: ~550k
+
+
+def test_batch_fork_server_freezes_what_it_preloaded():
+    """The fork server imports WORKER_PRELOAD in order: the last module freezes the others' objects."""
+    import subprocess
+    import sys
+
+    from pipeline.batch.local import WORKER_PRELOAD
+
+    assert WORKER_PRELOAD[-1] == "pipeline.batch.preload_frozen"
+    code = ("import gc, importlib\n"
+            f"for m in {list(WORKER_PRELOAD)!r}: importlib.import_module(m)\n"
+            "print(gc.get_freeze_count(), len(gc.get_objects()))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    frozen, walked = int(out[0]), int(out[1])
+    assert frozen > 50_000 and walked < 1_000  # torch, MONAI, the pipeline: frozen before any fork

@@ -33,7 +33,8 @@ OnStart = Callable[[Task], None]
 
 # Imported once by the fork server; every worker forked from it starts with them. No CUDA is
 # touched at import, so each worker still makes its own CUDA context.
-WORKER_PRELOAD = ("torch", "pipeline.segment.segmenter", "pipeline.study", "pipeline.batch.worker")
+WORKER_PRELOAD = ("torch", "pipeline.segment.segmenter", "pipeline.study", "pipeline.batch.worker",
+                  "pipeline.batch.preload_frozen")  # last: freezes what the others imported
 
 
 WORKER_START_ENV = "OSTEOPLAN_WORKER_START"  # "spawn" turns the fork server off (e.g. a platform where it misbehaves)
