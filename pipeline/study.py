@@ -145,11 +145,12 @@ def freeze_long_lived() -> None:
 
     A runner holds ~0.5M Python objects (PyTorch, MONAI, pydicom, highdicom) that live as long as
     the process. Without this, every few studies a full collection walks all of them: 0.3-0.4 s on
-    the 2-core CPU, ~0.5 s on the GPU hosts, in whichever stage it lands (BENCHMARKS.md). Unreachable
-    cycles are collected first (``gc.collect``), then the survivors go to the permanent generation
-    (``gc.freeze``): later collections skip them, reference counting still frees them. A frozen
-    object that becomes part of a garbage cycle later is not collected; only what is alive when a
-    runner starts and after its first study is frozen, not the objects of later studies.
+    the 2-core CPU, and the likely cause of the 0.5-0.7 s outliers seen on the GPU hosts, in
+    whichever stage it lands (BENCHMARKS.md). Unreachable cycles are collected first
+    (``gc.collect``), then the survivors go to the permanent generation (``gc.freeze``): later
+    collections skip them, reference counting still frees them. A frozen object that later becomes
+    part of a garbage cycle is never collected, so this runs only at two points (a runner's start
+    and the start of its second study), never on the objects of later studies.
     """
     gc.collect()
     gc.freeze()
