@@ -32,16 +32,20 @@ def reference(files: list[Path]) -> tuple[str, str, Counter]:
 
 @pytest.fixture
 def layout_reads(monkeypatch):
-    """Counts the files read by a layout (the rest were walked element by element or by pydicom)."""
+    """Counts the files read by a layout (the rest were walked element by element or by pydicom):
+    the distinct headers a layout matched, by the template path or through ``LayoutMemo.read``."""
     count = Counter()
-    original = layout.LayoutMemo.read
+    seen: set[bytes] = set()
+    original = layout.Layout.read_varying
 
-    def spy(self, head, wanted):
-        raw = original(self, head, wanted)
-        count["layout"] += raw is not None
-        return raw
+    def spy(self, head):
+        got = original(self, head)
+        if got is not None and head not in seen:
+            seen.add(head)
+            count["layout"] += 1
+        return got
 
-    monkeypatch.setattr(layout.LayoutMemo, "read", spy)
+    monkeypatch.setattr(layout.Layout, "read_varying", spy)
     return count
 
 

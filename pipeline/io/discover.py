@@ -385,6 +385,10 @@ def _read_header(path: Path, fast: bool, heads: _HeadReads | None,
         if size == 0:
             raise _Skip("empty files")
         head = heads.read(fd, size) if heads is not None else _pread(fd, HEAD_BYTES, 0)
+        if fast and memo is not None and memo.layouts:
+            by_template = _read_by_template(path, size, head, memo)
+            if by_template is not None:
+                return by_template
         kind = _sniff(head[:132])
         if kind is None:
             raise _Skip("non-DICOM files")
@@ -600,17 +604,25 @@ def _from_layout(path: Path, size: int, parsed: _Parsed) -> list[SliceHeader] | 
             layout.slice_cache = _SliceTemplate(first.__dict__, parsed.pixel_head, first.pixel_offset - parsed.pixel_pos,
                                                 nbytes, varying)
         return result
-    pixel_offset = parsed.pixel_pos + template.header
-    if parsed.pixel_head != template.pixel_head or size < pixel_offset + template.nbytes:
-        return _from_parsed(path, size, parsed)
-    ds = parsed.ds
+    one = _template_slice(template, path, size, parsed.pixel_pos, parsed.pixel_head, parsed.ds)
+    return [one] if one is not None else _from_parsed(path, size, parsed)
+
+
+def _template_slice(template: _SliceTemplate, path: Path, size: int, pixel_pos: int, pixel_head: bytes,
+                    ds: Any) -> SliceHeader | None:
+    """The SliceHeader of a file read by a layout with a slice template: the template's fields
+    with this file's path, pixel offset and per-slice values (``ds.get(keyword)``, decoded as
+    ``_parse_raw`` does). None on any doubt (see ``_from_layout``)."""
+    pixel_offset = pixel_pos + template.header
+    if pixel_head != template.pixel_head or size < pixel_offset + template.nbytes:
+        return None
     fields = template.fields.copy()  # the same keys in the same order as SliceHeader's fields
     fields["path"], fields["pixel_offset"] = path, pixel_offset
     for keyword in template.varying:
         if keyword == "ImagePositionPatient":
             ipp = _floats(ds.get(keyword), 3)
             if ipp is None or not all(map(math.isfinite, ipp)) or max(map(abs, ipp)) > MAX_POSITION_MM:
-                return _from_parsed(path, size, parsed)
+                return None
             fields["ipp"] = tuple(ipp)
         elif keyword == "SOPInstanceUID":
             fields["sop_uid"] = str(ds.get(keyword, "") or "")
@@ -620,7 +632,34 @@ def _from_layout(path: Path, size: int, parsed: _Parsed) -> list[SliceHeader] | 
             fields["acquisition_number"] = _int(ds, keyword)
     obj = object.__new__(SliceHeader)
     object.__setattr__(obj, "__dict__", fields)
-    return [obj]
+    return obj
+
+
+def _read_by_template(path: Path, size: int, head: bytes, memo: LayoutMemo) -> list[SliceHeader] | None:
+    """``_read_fast`` + ``_from_layout`` in one step, for a file that follows a known layout whose
+    first image made a slice template (most files of a series): the same SliceHeader, without
+    the intermediate header objects. None: the general path decides (and may still use a layout).
+
+    Every check the general path makes holds by construction here: the layout's kept elements
+    that do not vary passed them in the template's file (no sequence, one frame, a handled
+    character set), and a template exists only when the varying ones are per-slice values."""
+    for k, layout in enumerate(memo.layouts):
+        template = layout.slice_cache
+        if template is None or layout.wanted is not _WANTED_TAGS:
+            continue
+        if len(head) < layout.bounds[-1] < size:
+            return None  # a long header (Philips): the general path reads more of the file first
+        got = layout.read_varying(head)
+        if got is None:
+            continue
+        varying, pixel_pos = got
+        values = _RawView(varying, layout.varying_tags).values
+        one = _template_slice(template, path, size, pixel_pos, head[pixel_pos:pixel_pos + 12], values)
+        if one is None:
+            return None
+        memo.used(k)
+        return [one]
+    return None
 
 
 def _frames(ds: Dataset, header: _Header, common: dict[str, Any], offset: int | None,

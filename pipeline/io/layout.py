@@ -130,9 +130,20 @@ class Layout:
 
     def read(self, head: bytes) -> RawHeader | None:
         """This file's header by this layout, or None when it does not follow it exactly."""
+        got = self.read_varying(head)
+        if got is None:
+            return None
+        varying, pos = got
+        found = dict(self.stable)
+        found.update(varying)
+        return RawHeader(found, self.implicit, self.transfer_syntax, pos, head[pos:pos + 12], self)
+
+    def read_varying(self, head: bytes) -> tuple[dict[int, tuple[str | None, bytes]], int] | None:
+        """(the wanted varying elements, where the pixel data element starts) when the file
+        follows this layout exactly, else None. The other kept elements are ``stable``'s."""
         if not head.startswith(b"DICM", 128):
             return None
-        found = dict(self.stable)
+        found: dict[int, tuple[str | None, bytes]] = {}
         pos = 132
         limit = len(head)
         for op in self.ops:
@@ -153,7 +164,7 @@ class Layout:
         pos += len(self.tail) - 4
         if pos + 12 > limit:
             return None
-        return RawHeader(found, self.implicit, self.transfer_syntax, pos, head[pos:pos + 12], self)
+        return found, pos
 
 
 class LayoutMemo:
@@ -179,11 +190,15 @@ class LayoutMemo:
                 continue
             raw = layout.read(head)
             if raw is not None:
-                self.learned = 0
-                if k:
-                    self.layouts.insert(0, self.layouts.pop(k))
+                self.used(k)
                 return raw
         return None
+
+    def used(self, k: int) -> None:
+        """Layout ``k`` read a file: it goes first, and learning goes on."""
+        self.learned = 0
+        if k:
+            self.layouts.insert(0, self.layouts.pop(k))
 
     def learn(self, head: bytes, trace: list[int], raw: RawHeader, wanted: frozenset[int]) -> None:
         """A file the fast reader walked in full (``trace`` from ``read_raw_header``): keep its layout,
