@@ -8,8 +8,10 @@ Rules (README "Input" copies them):
 - The array is int16 when every slope and intercept is a whole number and every slice's HU fits
   in int16 (a 512x512x300 CT stays ~160 MB); otherwise float32.
 - Uncompressed little-endian 16-bit data is read with one ``preadv`` per slice at the offset the
-  header pass recorded, straight into the output array; bits are fixed and HU computed there in
-  place (no intermediate copy; the int16 range is checked with only the min or max it needs).
+  header pass recorded: straight into the output array when the stored values are already HU;
+  otherwise into a one-slice buffer per thread that stays in the CPU cache, where bits are fixed,
+  the int16 range is checked (with only the min or max it needs) and HU computed into the output
+  array by the last pass.
   Two threads share these files. Each reads from the page cache first (``RWF_NOWAIT``); once
   files are not cached it keeps its next files open with their pixel bytes advised
   (POSIX_FADV_WILLNEED), so a cold cache is read several files at a time. Anything else (JPEG
@@ -160,6 +162,7 @@ def _read_native_files(slices: list[SliceHeader], groups: list[list[int]], buf: 
     errors are the same.
     """
     results: list[tuple[list[int], str | None]] = []
+    scratch: dict[tuple[int, int], np.ndarray] = {}  # this thread's one-slice read buffers, by (rows, cols)
     pending = iter(groups)
     ahead: deque[tuple[list[int], int | OSError]] = deque()
 
@@ -187,7 +190,7 @@ def _read_native_files(slices: list[SliceHeader], groups: list[list[int]], buf: 
                 results.append((ks, _error_text(fd)))
                 continue
             try:
-                _read_native(fd, slices, ks, buf, overflow, reader)
+                _read_native(fd, slices, ks, buf, overflow, reader, scratch)
                 results.append(([], None))
             except Exception as exc:  # noqa: BLE001 - one bad file must not stop the load
                 results.append((ks, _error_text(exc)))
@@ -233,21 +236,42 @@ def _is_fast(slices: list[SliceHeader], ks: list[int]) -> bool:
 
 
 def _read_native(fd: int, slices: list[SliceHeader], ks: list[int], buf: np.ndarray,
-                 overflow: dict[int, np.ndarray], reader: CacheFirstReads) -> None:
-    """The slices ``ks`` of one open file: one ``preadv`` each into ``buf[k]`` (int16) or a scratch
-    array (float32 ``buf``), then bits fixed and HU computed in place -- the same values as
-    ``_fix_bits`` + ``_store_hu`` on a copy, without the copies."""
+                 overflow: dict[int, np.ndarray], reader: CacheFirstReads,
+                 scratch: dict[tuple[int, int], np.ndarray]) -> None:
+    """The slices ``ks`` of one open file: one ``preadv`` each, then bits fixed and HU computed --
+    the same values as ``_fix_bits`` + ``_store_hu`` on a copy.
+
+    A slice that needs no arithmetic (16 stored bits, signed, slope 1, intercept 0, int16 ``buf``)
+    is read straight into ``buf[k]``. Any other is read into this thread's one-slice ``scratch``
+    buffer, which stays in the CPU cache: the bits, the int16 range check and the HU are computed
+    there and written to ``buf[k]`` by the last pass, so the volume's memory is written once and
+    never read back.
+    """
     for k in ks:
         s = slices[k]
-        target = buf[k] if buf.dtype == np.int16 else np.empty((s.rows, s.cols), np.int16)
+        plain = buf.dtype == np.int16 and _needs_no_arithmetic(s)
+        if plain:
+            target = buf[k]
+        else:
+            target = scratch.get((s.rows, s.cols))
+            if target is None:
+                target = scratch[(s.rows, s.cols)] = np.empty((s.rows, s.cols), np.int16)
         if reader.read_into(fd, memoryview(target).cast("B"), int(s.pixel_offset), target.nbytes) != target.nbytes:
             raise ValueError("pixel data shorter than Rows x Columns")
+        if plain:
+            continue
         raw = target.view(np.int16 if s.pixel_representation else np.uint16)
         _fix_bits_inplace(raw, s)
         if buf.dtype == np.int16:
-            _hu_inplace(raw, s, k, overflow)
+            _hu_into(raw, s, buf, k, overflow)
         else:
             _store_hu(raw, s, buf, k, overflow)  # float32 stack: the plain conversion
+
+
+def _needs_no_arithmetic(s: SliceHeader) -> bool:
+    """Stored values are HU as they are: all 16 bits stored, signed, slope 1, intercept 0."""
+    return (s.pixel_representation == 1 and not (0 < s.bits_stored < 16)
+            and float(s.slope) == 1.0 and float(s.intercept) == 0.0)
 
 
 def _fix_bits_inplace(raw: np.ndarray, s: SliceHeader) -> None:
@@ -298,8 +322,8 @@ def _overflows(raw: np.ndarray, slope: int, intercept: int, s: SliceHeader) -> b
     return min(ends) < INT16_MIN or max(ends) > INT16_MAX
 
 
-def _hu_inplace(raw: np.ndarray, s: SliceHeader, k: int, overflow: dict[int, np.ndarray]) -> None:
-    """HU over the stored values in place (``raw`` is a view of ``buf[k]``), as ``_store_hu``.
+def _hu_into(raw: np.ndarray, s: SliceHeader, buf: np.ndarray, k: int, overflow: dict[int, np.ndarray]) -> None:
+    """``buf[k]`` = HU of the stored values ``raw`` (int16 ``buf``), as ``_store_hu``.
 
     When every HU fits int16, v * slope + intercept computed modulo 2**16 (uint16 arithmetic)
     is exactly the int16 HU; otherwise the slice goes to ``overflow`` as float32.
@@ -309,10 +333,15 @@ def _hu_inplace(raw: np.ndarray, s: SliceHeader, k: int, overflow: dict[int, np.
         overflow[k] = (raw.astype(np.float64) * slope + intercept).astype(np.float32)
         return
     wrapped = raw.view(np.uint16)
+    out = buf[k].view(np.uint16)
     if slope != 1:
-        np.multiply(wrapped, np.uint16(slope % 65536), out=wrapped)
-    if intercept != 0:
-        np.add(wrapped, np.uint16(intercept % 65536), out=wrapped)
+        np.multiply(wrapped, np.uint16(slope % 65536), out=out)
+        if intercept != 0:
+            np.add(out, np.uint16(intercept % 65536), out=out)
+    elif intercept != 0:
+        np.add(wrapped, np.uint16(intercept % 65536), out=out)
+    else:
+        np.copyto(out, wrapped)
 
 
 def _read_file(slices: list[SliceHeader], ks: list[int]):
