@@ -385,14 +385,16 @@ def _read_header(path: Path, fast: bool, heads: _HeadReads | None,
         if size == 0:
             raise _Skip("empty files")
         head = heads.read(fd, size) if heads is not None else _pread(fd, HEAD_BYTES, 0)
+        fh = _FdFile(fd)
         if fast and memo is not None and memo.layouts:
+            head = _extend(fh, head, min(size, memo.head_bytes()))  # as far as the known layouts need
             by_template = _read_by_template(path, size, head, memo)
             if by_template is not None:
                 return by_template
         kind = _sniff(head[:132])
         if kind is None:
             raise _Skip("non-DICOM files")
-        parsed = _read_fast(_FdFile(fd), head, size, memo) if (fast and kind) else None
+        parsed = _read_fast(fh, head, size, memo) if (fast and kind) else None
         if parsed is None:
             with open(fd, "rb", closefd=False) as fh:
                 parsed = _read_pydicom(fh, kind)
@@ -643,23 +645,13 @@ def _read_by_template(path: Path, size: int, head: bytes, memo: LayoutMemo) -> l
     Every check the general path makes holds by construction here: the layout's kept elements
     that do not vary passed them in the template's file (no sequence, one frame, a handled
     character set), and a template exists only when the varying ones are per-slice values."""
-    for k, layout in enumerate(memo.layouts):
-        template = layout.slice_cache
-        if template is None or layout.wanted is not _WANTED_TAGS:
-            continue
-        if len(head) < layout.bounds[-1] < size:
-            return None  # a long header (Philips): the general path reads more of the file first
-        got = layout.read_varying(head)
-        if got is None:
-            continue
-        varying, pixel_pos = got
-        values = _RawView(varying, layout.varying_tags).values
-        one = _template_slice(template, path, size, pixel_pos, head[pixel_pos:pixel_pos + 12], values)
-        if one is None:
-            return None
-        memo.used(k)
-        return [one]
-    return None
+    match = memo.match(head, _WANTED_TAGS)
+    if match is None or match[0].slice_cache is None:
+        return None
+    layout, varying, pixel_pos = match
+    values = _RawView(varying, layout.varying_tags).values
+    one = _template_slice(layout.slice_cache, path, size, pixel_pos, head[pixel_pos:pixel_pos + 12], values)
+    return None if one is None else [one]
 
 
 def _frames(ds: Dataset, header: _Header, common: dict[str, Any], offset: int | None,

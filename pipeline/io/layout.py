@@ -128,12 +128,8 @@ class Layout:
             return None
         return op
 
-    def read(self, head: bytes) -> RawHeader | None:
-        """This file's header by this layout, or None when it does not follow it exactly."""
-        got = self.read_varying(head)
-        if got is None:
-            return None
-        varying, pos = got
+    def raw_header(self, head: bytes, varying: dict[int, tuple[str | None, bytes]], pos: int) -> RawHeader:
+        """The RawHeader of a file this layout matched (``read_varying``'s result)."""
         found = dict(self.stable)
         found.update(varying)
         return RawHeader(found, self.implicit, self.transfer_syntax, pos, head[pos:pos + 12], self)
@@ -185,20 +181,24 @@ class LayoutMemo:
         return max((layout.bounds[-1] + 12 for layout in self.layouts), default=-HEAD_SLACK) + HEAD_SLACK
 
     def read(self, head: bytes, wanted: frozenset[int]) -> RawHeader | None:
+        """This file's header by the layout it follows, or None when it follows none."""
+        match = self.match(head, wanted)
+        return None if match is None else match[0].raw_header(head, match[1], match[2])
+
+    def match(self, head: bytes, wanted: frozenset[int]
+              ) -> tuple[Layout, dict[int, tuple[str | None, bytes]], int] | None:
+        """(the layout this file follows, its ``read_varying`` result), or None. That layout goes
+        first, and learning goes on."""
         for k, layout in enumerate(self.layouts):
             if layout.wanted is not wanted:
                 continue
-            raw = layout.read(head)
-            if raw is not None:
-                self.used(k)
-                return raw
+            got = layout.read_varying(head)
+            if got is not None:
+                self.learned = 0
+                if k:
+                    self.layouts.insert(0, self.layouts.pop(k))
+                return layout, got[0], got[1]
         return None
-
-    def used(self, k: int) -> None:
-        """Layout ``k`` read a file: it goes first, and learning goes on."""
-        self.learned = 0
-        if k:
-            self.layouts.insert(0, self.layouts.pop(k))
 
     def learn(self, head: bytes, trace: list[int], raw: RawHeader, wanted: frozenset[int]) -> None:
         """A file the fast reader walked in full (``trace`` from ``read_raw_header``): keep its layout,

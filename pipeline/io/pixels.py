@@ -162,7 +162,7 @@ def _read_native_files(slices: list[SliceHeader], groups: list[list[int]], buf: 
     errors are the same.
     """
     results: list[tuple[list[int], str | None]] = []
-    scratch: dict[tuple[int, int], np.ndarray] = {}  # this thread's one-slice read buffers, by (rows, cols)
+    scratch = np.empty(buf.shape[1:], np.int16)  # this thread's one-slice read buffer (every slice is rows x cols)
     pending = iter(groups)
     ahead: deque[tuple[list[int], int | OSError]] = deque()
 
@@ -236,8 +236,7 @@ def _is_fast(slices: list[SliceHeader], ks: list[int]) -> bool:
 
 
 def _read_native(fd: int, slices: list[SliceHeader], ks: list[int], buf: np.ndarray,
-                 overflow: dict[int, np.ndarray], reader: CacheFirstReads,
-                 scratch: dict[tuple[int, int], np.ndarray]) -> None:
+                 overflow: dict[int, np.ndarray], reader: CacheFirstReads, scratch: np.ndarray) -> None:
     """The slices ``ks`` of one open file: one ``preadv`` each, then bits fixed and HU computed --
     the same values as ``_fix_bits`` + ``_store_hu`` on a copy.
 
@@ -250,12 +249,7 @@ def _read_native(fd: int, slices: list[SliceHeader], ks: list[int], buf: np.ndar
     for k in ks:
         s = slices[k]
         plain = buf.dtype == np.int16 and _needs_no_arithmetic(s)
-        if plain:
-            target = buf[k]
-        else:
-            target = scratch.get((s.rows, s.cols))
-            if target is None:
-                target = scratch[(s.rows, s.cols)] = np.empty((s.rows, s.cols), np.int16)
+        target = buf[k] if plain else scratch
         if reader.read_into(fd, memoryview(target).cast("B"), int(s.pixel_offset), target.nbytes) != target.nbytes:
             raise ValueError("pixel data shorter than Rows x Columns")
         if plain:
