@@ -167,11 +167,18 @@ def list_files(root: Path) -> list[Path]:
     if root.is_file():
         return [root]
     out: list[Path] = []
-    _walk_files(str(root), out)
+    _walk_files(str(root), root, out)
     return out
 
 
-def _walk_files(top: str, out: list[Path]) -> None:
+def _child(folder: Path, name: str) -> Path:
+    """``folder / name`` for a directory entry's name (one component, never "." or ".."): pathlib's
+    own child constructor where it has one (no re-parsing of the folder, ~1 us instead of ~4)."""
+    make = getattr(folder, "_make_child_relpath", None)
+    return make(name) if make is not None else folder / name
+
+
+def _walk_files(top: str, folder: Path, out: list[Path]) -> None:
     try:
         with os.scandir(top) as it:
             entries = list(it)
@@ -194,14 +201,14 @@ def _walk_files(top: str, out: list[Path]) -> None:
             plain = entry.is_file(follow_symlinks=False)
         except OSError:
             plain = False
-        path = Path(entry.path)
+        path = _child(folder, entry.name)
         if plain or path.is_file():
             out.append(path)
     dirs.sort()
     for name in dirs:
         sub = os.path.join(top, name)
         if not os.path.islink(sub):
-            _walk_files(sub, out)
+            _walk_files(sub, _child(folder, name), out)
 
 
 def scan_files(files: Iterable[Path], fast: bool = True) -> Scan:
@@ -300,10 +307,12 @@ class _HeadReads:
         self.reads = CacheFirstReads(self._advise_ahead, None if self.can_advise else 0)
         self.buf = memoryview(bytearray(HEAD_BYTES))
 
-    def read(self, fd: int, size: int) -> bytes:
+    def read(self, fd: int, n: int) -> bytes:
+        """The file's first ``n`` bytes (at most HEAD_BYTES; fewer at its end)."""
         if self.can_advise and not self.reads.nowait:
             self._advise_ahead()  # cold: advise ahead before each read
-        got = self.reads.read_into(fd, self.buf, 0, min(size, HEAD_BYTES))
+        n = min(n, HEAD_BYTES)
+        got = self.reads.read_into(fd, self.buf[:n], 0, n)
         return self.buf[:got].tobytes()
 
     def _advise_ahead(self) -> None:
@@ -384,13 +393,17 @@ def _read_header(path: Path, fast: bool, heads: _HeadReads | None,
         size = os.fstat(fd).st_size
         if size == 0:
             raise _Skip("empty files")
-        head = heads.read(fd, size) if heads is not None else _pread(fd, HEAD_BYTES, 0)
+        known = fast and memo is not None and bool(memo.layouts)
+        # as far as the known layouts need (~5 KB for a CT: most files are read by one), else HEAD_BYTES
+        first = min(size, memo.head_bytes() if known else HEAD_BYTES)
+        head = heads.read(fd, first) if heads is not None else _pread(fd, min(first, HEAD_BYTES), 0)
         fh = _FdFile(fd)
-        if fast and memo is not None and memo.layouts:
-            head = _extend(fh, head, min(size, memo.head_bytes()))  # as far as the known layouts need
+        if known:
+            head = _extend(fh, head, first)
             by_template = _read_by_template(path, size, head, memo)
             if by_template is not None:
                 return by_template
+            head = _extend(fh, head, min(size, HEAD_BYTES))  # the general path reads on from HEAD_BYTES
         kind = _sniff(head[:132])
         if kind is None:
             raise _Skip("non-DICOM files")

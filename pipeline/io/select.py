@@ -105,8 +105,13 @@ def build_stacks(slices: list[SliceHeader]) -> list[Stack]:
     for items in by_series.values():
         uid = items[0].series_uid
         groups: list[tuple[tuple[Any, ...], tuple[float, ...], np.ndarray, list[SliceHeader]]] = []
+        keys: dict[tuple[Any, ...], tuple[Any, ...]] = {}  # the images of a stack share these values
         for s in items:
-            key = (s.rows, s.cols, s.is_localizer, round(s.pixel_spacing[0], 4), round(s.pixel_spacing[1], 4))
+            raw = (s.rows, s.cols, s.image_type, s.pixel_spacing)
+            key = keys.get(raw)
+            if key is None:
+                key = keys[raw] = (s.rows, s.cols, s.is_localizer, round(s.pixel_spacing[0], 4),
+                                   round(s.pixel_spacing[1], 4))
             iop_t = s.row_dir + s.col_dir
             iop = None
             for gkey, giop_t, giop, members in groups:
