@@ -157,6 +157,26 @@ def test_planes_with_segments_is_the_per_label_any(shape):
     assert [m.tolist() for m in many] == [(frames == s).any(axis=(1, 2)).tolist() for s in range(1, 10)]
 
 
+@pytest.mark.parametrize("shape", [(7, 16, 8), (6, 24, 16), (5, 9, 7), (4, 12, 12), (40, 3, 5)])
+def test_frames_packed_within_the_segment_rows_are_the_same_bytes(shape):
+    """``segment_extent``'s rows are each segment's row bounds over all planes, and packing only
+    those rows gives the bytes of packing whole frames (rows of whole bytes or not)."""
+    rng = np.random.default_rng(7 + sum(shape))
+    frames = np.zeros(shape, np.uint8)
+    body = (slice(None), slice(shape[1] // 4, shape[1] // 4 + max(1, shape[1] // 3)), slice(None))
+    frames[body] = (rng.random(frames[body].shape) < 0.3) * rng.integers(1, 4, frames[body].shape, dtype=np.uint8)
+    frames[0, -1, 0] = 2  # segment 2 also on the last row of one plane
+    masks, rows = seg_frames.segment_extent(frames, 3)
+    for s in (1, 2, 3):
+        held = np.flatnonzero((frames == s).any(axis=(0, 2)))
+        assert rows.get(s) == ((int(held[0]), int(held[-1]) + 1) if held.size else None)
+    assert [m.tolist() for m in masks] == [m.tolist() for m in seg_frames.planes_with_segments(frames, 3)]
+    plan, _ = seg_frames.plan_frames(frames, 3, np.arange(shape[0]), masks)
+    assert seg_frames.pack_frames(frames, plan, rows) == seg_frames.pack_frames(frames, plan)
+    _, many_rows = seg_frames.segment_extent(frames, 9)  # one byte of bits is not enough: whole planes
+    assert seg_frames.pack_frames(frames, plan, many_rows) == seg_frames.pack_frames(frames, plan)
+
+
 def test_a_template_source_from_another_series_falls_back_to_highdicom(tmp_path):
     """The references to all source images are only added when highdicom would accept them."""
     case = rh.dicom_case(tmp_path, "HFS", shape=(24, 20, 6))

@@ -326,14 +326,14 @@ def _build_seg_fast(frames: np.ndarray, seg: Segmentation, headers: list[pydicom
     position, segment and pixels) are all replaced, so the voxel only has to be one of the map's
     labels. The tests compare the files element by element.
     """
-    masks = seg_frames.planes_with_segments(frames, n_segments)  # also the frame plan's
+    masks, rows = seg_frames.segment_extent(frames, n_segments)  # also the frame plan's and the packing's
     k = int(np.flatnonzero(np.logical_or.reduce(masks))[0])  # the first non-empty plane
     r, c = (int(v[0]) for v in np.nonzero(frames[k]))
     one = np.zeros((1,) + frames.shape[1:], np.uint8)
     one[0, r, c] = frames[k, r, c]
     template = _hd_segmentation(one, seg, headers[:1], n_segments, omit_empty_frames=True, preview=preview)
     seg_frames.reference_all_sources(template, headers)
-    return seg_frames.replace_frames(template, headers, frames, n_segments, masks)
+    return seg_frames.replace_frames(template, headers, frames, n_segments, masks, rows)
 
 
 def _hd_segmentation(pixels: np.ndarray | hd.Volume, seg: Segmentation, headers: list[pydicom.Dataset],

@@ -123,11 +123,27 @@ def planes_with_segments(frames: np.ndarray, n_segments: int, chunk: int = 16) -
     The same masks as ``(frames == s).any(axis=(1, 2))`` for each s, from one pass
     (``labelbits.label_bits``, ``chunk`` planes at a time).
     """
+    return segment_extent(frames, n_segments, chunk)[0]
+
+
+def segment_extent(frames: np.ndarray, n_segments: int, chunk: int = 16
+                   ) -> tuple[list[np.ndarray], dict[int, tuple[int, int]]]:
+    """``planes_with_segments``, and per segment present the rows [r0, r1) that hold it in any
+    plane (``pack_frames`` encodes only those; every bit outside them is 0), from the same pass.
+    """
     if n_segments >= 8:  # one bit per label no longer fits a byte
-        return [(frames == s).any(axis=(1, 2)) for s in range(1, n_segments + 1)]
+        masks = [(frames == s).any(axis=(1, 2)) for s in range(1, n_segments + 1)]
+        rows = {s: (0, frames.shape[1]) for s, m in enumerate(masks, 1) if m.any()}
+        return masks, rows
     plane = max(1, frames.shape[1] * frames.shape[2])
-    bits = label_bits(frames, axes=(0,), chunk_bytes=chunk * plane)[0]
-    return [(bits & np.uint8(1 << s)) != 0 for s in range(1, n_segments + 1)]
+    bits = label_bits(frames, axes=(0, 1), chunk_bytes=chunk * plane)
+    masks = [(bits[0] & np.uint8(1 << s)) != 0 for s in range(1, n_segments + 1)]
+    rows = {}
+    for s in range(1, n_segments + 1):
+        held = np.flatnonzero(bits[1] & np.uint8(1 << s))
+        if held.size:
+            rows[s] = (int(held[0]), int(held[-1]) + 1)
+    return masks, rows
 
 
 def reference_all_sources(template: pydicom.Dataset, headers: list[pydicom.Dataset]) -> None:
@@ -189,12 +205,13 @@ def _template_pieces(item: pydicom.Dataset) -> list[bytes]:
 
 
 def replace_frames(template: hd.seg.Segmentation, headers: list[pydicom.Dataset], frames: np.ndarray,
-                   n_segments: int, masks: list[np.ndarray] | None = None) -> pydicom.Dataset:
+                   n_segments: int, masks: list[np.ndarray] | None = None,
+                   rows: dict[int, tuple[int, int]] | None = None) -> pydicom.Dataset:
     """Turn the one-frame ``template`` SEG into the SEG of ``frames`` (see the module docstring).
 
     ``headers`` are the single-frame source images in plane order (``frames[k]`` is on
-    ``headers[k]``); ``masks`` as for ``plan_frames``. Returns the same dataset object, changed in
-    place.
+    ``headers[k]``); ``masks`` as for ``plan_frames`` and ``rows`` as for ``pack_frames``
+    (``segment_extent`` gives both). Returns the same dataset object, changed in place.
     """
     if not hd.__version__.startswith(CHECKED_HIGHDICOM):
         raise NotApplicable(f"highdicom {hd.__version__} is not the version this path was checked against")
@@ -225,7 +242,7 @@ def replace_frames(template: hd.seg.Segmentation, headers: list[pydicom.Dataset]
     pixel_vr = template[PIXEL_DATA].VR
     if pixel_vr not in ("OB", "OW"):  # "OB or OW": resolved as pydicom's writer does (PS3.5 8.2)
         pixel_vr = "OB" if int(template.BitsAllocated) <= 8 else "OW"
-    template[PIXEL_DATA] = DataElement(PIXEL_DATA, pixel_vr, pack_frames(frames, plan))
+    template[PIXEL_DATA] = DataElement(PIXEL_DATA, pixel_vr, pack_frames(frames, plan, rows))
     # which source image and segment each frame has (the SR's frame references), without
     # parsing the raw sequence back
     template.osteoplan_frame_sources = [(s, str(headers[k].SOPInstanceUID))
@@ -233,16 +250,29 @@ def replace_frames(template: hd.seg.Segmentation, headers: list[pydicom.Dataset]
     return template
 
 
-def pack_frames(frames: np.ndarray, plan: FramePlan) -> bytes:
-    """1-bit frames in order, packed as one little-endian bit stream, padded to an even length."""
-    nbits = frames.shape[1] * frames.shape[2]
+def pack_frames(frames: np.ndarray, plan: FramePlan, rows: dict[int, tuple[int, int]] | None = None) -> bytes:
+    """1-bit frames in order, packed as one little-endian bit stream, padded to an even length.
+
+    ``rows``: per segment, rows [r0, r1) outside which no plane holds it (``segment_extent``).
+    When a row is whole bytes (columns a multiple of 8), only those rows are compared and packed
+    into the zeroed buffer: the same bytes, for the work of the segment's extent instead of the
+    whole plane (a 512 x 512 x 300 CT: ~70 -> ~15 ms).
+    """
+    n_cols = frames.shape[2]
+    nbits = frames.shape[1] * n_cols
     nbytes = (nbits * len(plan.segments) + 7) // 8
     if nbits % 8 == 0:  # whole bytes per frame: pack frame by frame into one buffer
         per = nbits // 8
+        row_bytes = n_cols // 8 if n_cols % 8 == 0 else None
         buf = bytearray(nbytes + (nbytes % 2))
         view = np.frombuffer(buf, np.uint8)
         for f, (s, k) in enumerate(zip(plan.segments.tolist(), plan.planes.tolist())):
-            view[f * per:(f + 1) * per] = np.packbits(frames[k] == s, bitorder="little")
+            if rows is not None and row_bytes is not None:
+                r0, r1 = rows[s]
+                start = f * per + r0 * row_bytes
+                view[start:start + (r1 - r0) * row_bytes] = np.packbits(frames[k, r0:r1] == s, bitorder="little")
+            else:
+                view[f * per:(f + 1) * per] = np.packbits(frames[k] == s, bitorder="little")
         return bytes(buf)
     bits = np.stack([frames[k] == s for s, k in zip(plan.segments.tolist(), plan.planes.tolist())])
     packed = np.packbits(bits.reshape(-1), bitorder="little").tobytes()
