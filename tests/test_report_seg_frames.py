@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 
+import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
@@ -175,6 +176,25 @@ def test_frames_packed_within_the_segment_rows_are_the_same_bytes(shape):
     assert seg_frames.pack_frames(frames, plan, rows) == seg_frames.pack_frames(frames, plan)
     _, many_rows = seg_frames.segment_extent(frames, 9)  # one byte of bits is not enough: whole planes
     assert seg_frames.pack_frames(frames, plan, many_rows) == seg_frames.pack_frames(frames, plan)
+
+
+@pytest.mark.parametrize("ipp", [
+    ["-123.456789", "45.5", "-1234.25"], ["0", "-0.0", "1e-5"], ["-250.123456789012", "99999.99999", "7"],
+    ["12345678.9", "-0.000001234", "3.14159265358979"], [1.5, -2.25, 1e20], ["+1.0", " 2.5 ", "-3"]])
+def test_frame_position_bytes_are_highdicoms(ipp):
+    """A frame's Image Position (Patient) element, encoded directly, has the bytes pydicom writes
+    for highdicom's Plane Position Sequence of the same source position."""
+    values = [pydicom.valuerep.DSfloat(v) for v in ipp]
+    expected = seg_frames._encode(hd.PlanePositionSequence(hd.CoordinateSystemNames.PATIENT, values)[0]
+                                  [seg_frames.POS_TAG])
+    assert seg_frames._encode_position(values) == expected
+
+
+@pytest.mark.parametrize("uid", ["1.2.3", "1.2.826.0.1.3680043.8.498.1234567890123456789012345678901234567",
+                                 "2.25.1", "1.2.3.4 ", "1.2.x.4", ""])
+def test_frame_source_uid_bytes_are_pydicoms(uid):
+    elem = pydicom.dataelem.DataElement(seg_frames.UID_TAG, "UI", uid)
+    assert seg_frames._encode_uid(uid) == seg_frames._encode(elem)
 
 
 def test_a_template_source_from_another_series_falls_back_to_highdicom(tmp_path):

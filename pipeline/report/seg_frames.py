@@ -30,8 +30,10 @@ builders' files element by element (``tests/test_report_seg_frames.py``).
 from __future__ import annotations
 
 import logging
+import re
 import struct
 from dataclasses import dataclass
+from typing import Any
 
 import highdicom as hd
 import numpy as np
@@ -40,6 +42,7 @@ from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_data_element, write_dataset
 from pydicom.tag import Tag
+from pydicom.valuerep import DS
 
 from pipeline.labelbits import label_bits
 
@@ -73,6 +76,39 @@ def _encode(elem: DataElement) -> bytes:
     fp.is_little_endian, fp.is_implicit_VR = True, False
     write_data_element(fp, elem)
     return fp.getvalue()
+
+
+_UID_TEXT = re.compile(r"[0-9.]{1,64}")
+_DS_TEXT = re.compile(r"[0-9+\-.eE]{1,16}(\\[0-9+\-.eE]{1,16})*")
+
+
+def _short_element(tag: int, vr: bytes, text: str, pad: bytes) -> bytes:
+    """An explicit VR little endian element with a 2-byte length, its ASCII value padded to even."""
+    value = text.encode("ascii")
+    if len(value) % 2:
+        value += pad
+    return struct.pack("<HH2sH", tag >> 16, tag & 0xFFFF, vr, len(value)) + value
+
+
+def _encode_uid(uid: str) -> bytes:
+    """``_encode`` of a Referenced SOP Instance UID element, without pydicom's writer (~30 us)
+    where the UID is plain digits and dots (pydicom writes those as they are, 0-padded);
+    anything else goes through the writer."""
+    if _UID_TEXT.fullmatch(uid):
+        return _short_element(UID_TAG, b"UI", uid, b"\0")
+    return _encode(DataElement(UID_TAG, "UI", uid))
+
+
+def _encode_position(ipp: Any) -> bytes:
+    """``_encode`` of the Image Position (Patient) element highdicom puts in a frame's Plane
+    Position Sequence (``PlanePositionSequence``: ``DS(value, auto_format=True)`` per value), without
+    highdicom's sequence or pydicom's writer where the values are plain decimal strings; pydicom
+    writes a DS value's ``original_string`` (else ``str``), joined by backslashes, space-padded."""
+    values = [DS(v, auto_format=True) for v in ipp]
+    text = "\\".join(v.original_string if hasattr(v, "original_string") else str(v) for v in values)
+    if len(values) == 3 and _DS_TEXT.fullmatch(text):
+        return _short_element(POS_TAG, b"DS", text, b" ")
+    return _encode(DataElement(POS_TAG, "DS", values))
 
 
 def _undefined_lengths(ds: pydicom.Dataset) -> None:
@@ -222,7 +258,6 @@ def replace_frames(template: hd.seg.Segmentation, headers: list[pydicom.Dataset]
     plan, _ = plan_frames(frames, n_segments, slice_sort_index(headers), masks)
     if plan.segments.size == 0:
         raise NotApplicable("empty label map")
-    positions = hd.utils.get_plane_positions_of_series(headers)
     pieces = _template_pieces(template.PerFrameFunctionalGroupsSequence[0])
     uid_enc: dict[int, bytes] = {}
     pos_enc: dict[int, bytes] = {}
@@ -231,8 +266,8 @@ def replace_frames(template: hd.seg.Segmentation, headers: list[pydicom.Dataset]
     out = []
     for s, k, r in zip(plan.segments.tolist(), plan.planes.tolist(), plan.position_index.tolist()):
         if k not in uid_enc:
-            uid_enc[k] = _encode(DataElement(UID_TAG, "UI", str(headers[k].SOPInstanceUID)))
-            pos_enc[k] = _encode(positions[k][0][POS_TAG])
+            uid_enc[k] = _encode_uid(str(headers[k].SOPInstanceUID))
+            pos_enc[k] = _encode_position(headers[k].ImagePositionPatient)
         out += [ITEM_START, pieces[0], uid_enc[k], pieces[1], dim_head, struct.pack("<II", s, r), pieces[2],
                 pos_enc[k], pieces[3], seg_enc[s], pieces[4], ITEM_END]
     value = b"".join(out)
