@@ -8,6 +8,7 @@ instance/series/tracking UIDs and creation times.
 from __future__ import annotations
 
 import os
+import struct
 
 import highdicom as hd
 import numpy as np
@@ -195,6 +196,25 @@ def test_frame_position_bytes_are_highdicoms(ipp):
 def test_frame_source_uid_bytes_are_pydicoms(uid):
     elem = pydicom.dataelem.DataElement(seg_frames.UID_TAG, "UI", uid)
     assert seg_frames._encode_uid(uid) == seg_frames._encode(elem)
+
+
+def test_source_references_are_the_bytes_pydicom_writes_for_highdicoms(tmp_path):
+    """The two reference sequences are encoded here as pydicom encodes the ones highdicom's own
+    ``_add_source_image_references`` makes (defined lengths, items in the images' order)."""
+    from highdicom.image import _Image
+
+    case = rh.dicom_case(tmp_path, "FFS", shape=(24, 20, 7))
+    headers = read_source_headers(case.volume)
+    ours, theirs = pydicom.Dataset(), pydicom.Dataset()
+    seg_frames.reference_all_sources(ours, headers)
+    _Image._add_source_image_references(theirs, headers, None)
+    for tag in (seg_frames.SOURCE_IMAGES, seg_frames.REFERENCED_SERIES):
+        raw = ours.get_item(tag)
+        assert isinstance(raw, pydicom.dataelem.RawDataElement)
+        header = struct.pack("<HH2sHI", tag.group, tag.elem, b"SQ", 0, len(raw.value))
+        assert header + raw.value == seg_frames._encode(theirs[tag])
+    assert [str(r.ReferencedSOPInstanceUID) for r in ours.SourceImageSequence] == \
+        [str(h.SOPInstanceUID) for h in headers]  # and pydicom reads them back
 
 
 def test_a_template_source_from_another_series_falls_back_to_highdicom(tmp_path):

@@ -6,8 +6,9 @@ encodes each of them element by element: ~1.5 ms per frame, 1-2 s for the ~600-1
 SEG, but from a one-voxel label map (one frame) on the first source image alone:
 every attribute outside the frames (patient, study, series, segments, shared functional groups,
 dimension index) is highdicom's own. The references to every source image (Source Image Sequence,
-Referenced Series Sequence) are then added by highdicom's own method (``reference_all_sources``),
-and the three frame-dependent attributes are replaced:
+Referenced Series Sequence) are then added as highdicom's own method makes them, encoded here as
+pydicom writes them (``reference_all_sources``), and the three frame-dependent attributes are
+replaced:
 
 - ``NumberOfFrames``;
 - ``PerFrameFunctionalGroupsSequence``: the bytes of each item are assembled from pieces of
@@ -42,6 +43,7 @@ from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_data_element, write_dataset
 from pydicom.tag import Tag
+from pydicom.charset import convert_encodings, default_encoding
 from pydicom.valuerep import DS
 
 from pipeline.labelbits import label_bits
@@ -182,11 +184,33 @@ def segment_extent(frames: np.ndarray, n_segments: int, chunk: int = 16
     return masks, rows
 
 
+SOURCE_IMAGES = Tag(0x00082112)  # SourceImageSequence
+REFERENCED_SERIES = Tag(0x00081115)  # ReferencedSeriesSequence
+_CLASS_UID_TAG, _INSTANCES_TAG, _SERIES_UID_TAG = 0x00081150, 0x0008114A, 0x0020000E
+
+
+def _uid_element(tag: int, uid: str) -> bytes:
+    """A UI element as pydicom writes it (explicit VR little endian, 0-padded)."""
+    if _UID_TEXT.fullmatch(uid):
+        return _short_element(tag, b"UI", uid, b"\0")
+    return _encode(DataElement(tag, "UI", uid))
+
+
+def _defined_item(body: bytes) -> bytes:
+    return struct.pack("<HHI", 0xFFFE, 0xE000, len(body)) + body
+
+
+def _defined_sequence(tag: int, items: bytes) -> RawDataElement:
+    """A sequence of already encoded (defined-length) items, as the raw element pydicom writes as it is."""
+    return RawDataElement(Tag(tag), "SQ", len(items), items, 0, False, True)
+
+
 def reference_all_sources(template: pydicom.Dataset, headers: list[pydicom.Dataset]) -> None:
-    """Make a SEG built on one source image reference every image of the series, with highdicom's
-    own ``_Image._add_source_image_references`` (0.28), which a SEG built on all of them runs: a
-    Source Image Sequence item per image in the given order, the same items grouped by series in
-    the Referenced Series Sequence.
+    """Make a SEG built on one source image reference every image of the series, as highdicom's
+    own ``_Image._add_source_image_references`` (0.28), which a SEG built on all of them runs, does:
+    a Source Image Sequence item per image in the given order (its SOP class and instance UIDs),
+    the same items grouped by series in the Referenced Series Sequence. Both are set as raw
+    elements holding the bytes pydicom writes for highdicom's (the tests compare them).
 
     Raises ``NotApplicable`` where highdicom would refuse the images (``_init_multiframe_image``):
     not one study, series, frame of reference and image size; or where that method is missing.
@@ -194,12 +218,14 @@ def reference_all_sources(template: pydicom.Dataset, headers: list[pydicom.Datas
     if len({(str(h.StudyInstanceUID), str(h.SeriesInstanceUID), int(h.Rows), int(h.Columns),
               str(getattr(h, "FrameOfReferenceUID", None))) for h in headers}) != 1:
         raise NotApplicable("source images of several series, frames of reference or image sizes")
-    try:
-        from highdicom.image import _Image
-        add_references = _Image._add_source_image_references
-    except (ImportError, AttributeError) as exc:  # pragma: no cover - another highdicom
-        raise NotApplicable(f"highdicom internals changed: {exc}") from exc
-    add_references(template, headers, None)  # sets only these two sequences (no further images)
+    # what highdicom's method sets (one series: one Referenced Series item), encoded here: ~600
+    # Datasets fewer to build, and written as they are by ``save``
+    items = b"".join(_defined_item(_uid_element(_CLASS_UID_TAG, str(h.SOPClassUID)) +
+                                   _uid_element(UID_TAG, str(h.SOPInstanceUID))) for h in headers)
+    template[SOURCE_IMAGES] = _defined_sequence(SOURCE_IMAGES, items)
+    instances = struct.pack("<HH2sHI", _INSTANCES_TAG >> 16, _INSTANCES_TAG & 0xFFFF, b"SQ", 0, len(items)) + items
+    series = _defined_item(instances + _uid_element(_SERIES_UID_TAG, str(headers[0].SeriesInstanceUID)))
+    template[REFERENCED_SERIES] = _defined_sequence(REFERENCED_SERIES, series)
 
 
 def slice_sort_index(headers: list[pydicom.Dataset]) -> np.ndarray:
@@ -324,18 +350,43 @@ def save(ds: pydicom.Dataset, path) -> None:
     """
     raw = ds.get_item(PFFG) if PFFG in ds else None
     tail = sorted(t for t in ds.keys() if t >= PFFG)
-    if not isinstance(raw, RawDataElement) or tail != [PFFG, PIXEL_DATA]:
+    if not isinstance(raw, RawDataElement) or tail != [PFFG, PIXEL_DATA] or not _writes_as_is(ds):
         ds.save_as(str(path), enforce_file_format=True)
         return
     pixels = ds[PIXEL_DATA]
     del ds[PFFG], ds[PIXEL_DATA]
+    encoding = (ds.original_encoding, ds.original_character_set)
+    # written in the encoding it is in: pydicom then writes raw elements (the source references)
+    # as they are, instead of parsing them back to check for ambiguous VRs (``_writes_as_is``)
+    ds.set_original_encoding(False, True, _character_set(ds))
     try:
         with open(path, "wb") as fh:
             ds.save_as(fh, enforce_file_format=True)
             fh.write(struct.pack("<HH2sHI", 0x5200, 0x9230, b"SQ", 0, 0xFFFFFFFF))
             fh.write(raw.value)
             fh.write(b"\xfe\xff\xdd\xe0\x00\x00\x00\x00")  # sequence delimitation item
-            fh.write(_encode(pixels))
+            fh.write(struct.pack("<HH2sHI", 0x7FE0, 0x0010, pixels.VR.encode("ascii"), 0, len(pixels.value)))
+            fh.write(pixels.value)  # even length (pack_frames), so no padding
     finally:
+        ds.set_original_encoding(encoding[0][0], encoding[0][1], encoding[1])
         ds[PFFG] = raw
         ds[PIXEL_DATA] = pixels
+
+
+def _character_set(ds: pydicom.Dataset) -> Any:
+    """The character set pydicom encodes ``ds``'s text with (what ``Dataset._character_set`` gives)."""
+    return convert_encodings(ds.SpecificCharacterSet) if "SpecificCharacterSet" in ds else default_encoding
+
+
+def _writes_as_is(ds: pydicom.Dataset) -> bool:
+    """Whether pydicom's ambiguous-VR pass, which writing in another encoding than a dataset's
+    own runs, would change nothing at the top level: explicit VR little endian file meta, no
+    top-level element with an ambiguous VR ("US or SS"...), pixel data of even length in OB/OW.
+    (Sequence items are Datasets of their own: the pass still runs on them.)"""
+    meta = getattr(ds, "file_meta", None)
+    if meta is None or str(getattr(meta, "TransferSyntaxUID", "")) != "1.2.840.10008.1.2.1":
+        return False
+    pixels = ds.get_item(PIXEL_DATA)
+    if not isinstance(pixels, DataElement) or pixels.VR not in ("OB", "OW") or len(pixels.value) % 2:
+        return False
+    return all(isinstance(e, RawDataElement) or " or " not in str(e.VR) for e in ds.elements())
