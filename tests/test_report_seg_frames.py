@@ -217,6 +217,18 @@ def test_source_references_are_the_bytes_pydicom_writes_for_highdicoms(tmp_path)
         [str(h.SOPInstanceUID) for h in headers]  # and pydicom reads them back
 
 
+def test_a_seg_pydicom_must_re_encode_is_written_the_same(tmp_path, monkeypatch):
+    """When ``save`` cannot write the dataset as it is (another encoding, an ambiguous VR), pydicom's
+    own writer parses the raw elements back: the same elements either way."""
+    case = rh.dicom_case(tmp_path, "FLIPPED")
+    headers = read_source_headers(case.volume)
+    seg_frames.save(build_seg(case.volume, case.seg, headers, fast=True), tmp_path / "as_is.dcm")
+    monkeypatch.setattr(seg_frames, "_writes_as_is", lambda ds: False)
+    seg_frames.save(build_seg(case.volume, case.seg, headers, fast=True), tmp_path / "re_encoded.dcm")
+    a, b = pydicom.dcmread(tmp_path / "as_is.dcm"), pydicom.dcmread(tmp_path / "re_encoded.dcm")
+    assert _differences(a, b) == [] and len(a.SourceImageSequence) == len(headers)
+
+
 def test_a_template_source_from_another_series_falls_back_to_highdicom(tmp_path):
     """The references to all source images are only added when highdicom would accept them."""
     case = rh.dicom_case(tmp_path, "HFS", shape=(24, 20, 6))
