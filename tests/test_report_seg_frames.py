@@ -229,6 +229,14 @@ def test_a_seg_pydicom_must_re_encode_is_written_the_same(tmp_path, monkeypatch)
     assert _differences(a, b) == [] and len(a.SourceImageSequence) == len(headers)
 
 
+def test_a_fast_seg_is_written_as_it_is_unless_a_raw_element_came_from_elsewhere(tmp_path):
+    case = rh.dicom_case(tmp_path, "HFS", shape=(24, 20, 6))
+    ds = build_seg(case.volume, case.seg, read_source_headers(case.volume), fast=True)
+    assert seg_frames._writes_as_is(ds)  # the fast save: the references are not parsed back
+    ds[0x00081030] = pydicom.dataelem.RawDataElement(pydicom.tag.Tag(0x00081030), "LO", 4, b"abcd", 0, False, True)
+    assert not seg_frames._writes_as_is(ds)
+
+
 def test_a_template_source_from_another_series_falls_back_to_highdicom(tmp_path):
     """The references to all source images are only added when highdicom would accept them."""
     case = rh.dicom_case(tmp_path, "HFS", shape=(24, 20, 6))

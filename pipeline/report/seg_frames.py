@@ -381,7 +381,9 @@ def _character_set(ds: pydicom.Dataset) -> Any:
 def _writes_as_is(ds: pydicom.Dataset) -> bool:
     """Whether pydicom's ambiguous-VR pass, which writing in another encoding than a dataset's
     own runs, would change nothing at the top level: explicit VR little endian file meta, no
-    top-level element with an ambiguous VR ("US or SS"...), pixel data of even length in OB/OW.
+    top-level element with an ambiguous VR ("US or SS"...), no raw element but those encoded
+    here (the reference and per-frame sequences; a raw element from elsewhere might need
+    re-encoding, e.g. text in another character set), pixel data of even length in OB/OW.
     (Sequence items are Datasets of their own: the pass still runs on them.)"""
     meta = getattr(ds, "file_meta", None)
     if meta is None or str(getattr(meta, "TransferSyntaxUID", "")) != "1.2.840.10008.1.2.1":
@@ -389,4 +391,10 @@ def _writes_as_is(ds: pydicom.Dataset) -> bool:
     pixels = ds.get_item(PIXEL_DATA)
     if not isinstance(pixels, DataElement) or pixels.VR not in ("OB", "OW") or len(pixels.value) % 2:
         return False
-    return all(isinstance(e, RawDataElement) or " or " not in str(e.VR) for e in ds.elements())
+    for elem in ds.elements():
+        if isinstance(elem, RawDataElement):
+            if elem.tag not in (SOURCE_IMAGES, REFERENCED_SERIES, PFFG):
+                return False
+        elif " or " in str(elem.VR):
+            return False
+    return True
