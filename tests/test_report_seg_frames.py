@@ -195,7 +195,7 @@ def test_frame_position_bytes_are_highdicoms(ipp):
                                  "2.25.1", "1.2.3.4 ", "1.2.x.4", ""])
 def test_frame_source_uid_bytes_are_pydicoms(uid):
     elem = pydicom.dataelem.DataElement(seg_frames.UID_TAG, "UI", uid)
-    assert seg_frames._encode_uid(uid) == seg_frames._encode(elem)
+    assert seg_frames._uid_element(seg_frames.UID_TAG, uid) == seg_frames._encode(elem)
 
 
 def test_source_references_are_the_bytes_pydicom_writes_for_highdicoms(tmp_path):

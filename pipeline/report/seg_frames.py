@@ -39,11 +39,11 @@ from typing import Any
 import highdicom as hd
 import numpy as np
 import pydicom
+from pydicom.charset import convert_encodings, default_encoding
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_data_element, write_dataset
 from pydicom.tag import Tag
-from pydicom.charset import convert_encodings, default_encoding
 from pydicom.valuerep import DS
 
 from pipeline.labelbits import label_bits
@@ -92,13 +92,12 @@ def _short_element(tag: int, vr: bytes, text: str, pad: bytes) -> bytes:
     return struct.pack("<HH2sH", tag >> 16, tag & 0xFFFF, vr, len(value)) + value
 
 
-def _encode_uid(uid: str) -> bytes:
-    """``_encode`` of a Referenced SOP Instance UID element, without pydicom's writer (~30 us)
-    where the UID is plain digits and dots (pydicom writes those as they are, 0-padded);
-    anything else goes through the writer."""
+def _uid_element(tag: int, uid: str) -> bytes:
+    """``_encode`` of a UI element, without pydicom's writer (~30 us) where the UID is plain
+    digits and dots (pydicom writes those as they are, 0-padded); anything else goes through it."""
     if _UID_TEXT.fullmatch(uid):
-        return _short_element(UID_TAG, b"UI", uid, b"\0")
-    return _encode(DataElement(UID_TAG, "UI", uid))
+        return _short_element(tag, b"UI", uid, b"\0")
+    return _encode(DataElement(tag, "UI", uid))
 
 
 def _encode_position(ipp: Any) -> bytes:
@@ -187,13 +186,6 @@ def segment_extent(frames: np.ndarray, n_segments: int, chunk: int = 16
 SOURCE_IMAGES = Tag(0x00082112)  # SourceImageSequence
 REFERENCED_SERIES = Tag(0x00081115)  # ReferencedSeriesSequence
 _CLASS_UID_TAG, _INSTANCES_TAG, _SERIES_UID_TAG = 0x00081150, 0x0008114A, 0x0020000E
-
-
-def _uid_element(tag: int, uid: str) -> bytes:
-    """A UI element as pydicom writes it (explicit VR little endian, 0-padded)."""
-    if _UID_TEXT.fullmatch(uid):
-        return _short_element(tag, b"UI", uid, b"\0")
-    return _encode(DataElement(tag, "UI", uid))
 
 
 def _defined_item(body: bytes) -> bytes:
@@ -292,7 +284,7 @@ def replace_frames(template: hd.seg.Segmentation, headers: list[pydicom.Dataset]
     out = []
     for s, k, r in zip(plan.segments.tolist(), plan.planes.tolist(), plan.position_index.tolist()):
         if k not in uid_enc:
-            uid_enc[k] = _encode_uid(str(headers[k].SOPInstanceUID))
+            uid_enc[k] = _uid_element(UID_TAG, str(headers[k].SOPInstanceUID))
             pos_enc[k] = _encode_position(headers[k].ImagePositionPatient)
         out += [ITEM_START, pieces[0], uid_enc[k], pieces[1], dim_head, struct.pack("<II", s, r), pieces[2],
                 pos_enc[k], pieces[3], seg_enc[s], pieces[4], ITEM_END]
