@@ -25,6 +25,7 @@ from pipeline.logs import anon
 from pipeline.types import CanalSummary, Lesion, Recommendation, Segmentation, Volume
 
 if TYPE_CHECKING:
+    from pipeline.report.background import BackgroundCall
     from pipeline.report.seg import SourcePrefetch
 
 log = logging.getLogger("osteoplan.study")
@@ -98,10 +99,10 @@ class StudyRunner:
             freeze_long_lived()
 
     def run(self, input_path: Path, output_root: Path, options: StudyOptions | None = None,
-            volume: Volume | None = None, preload: Preload | None = None) -> StudyResult:
+            volume: Volume | None = None, preload: BackgroundCall | None = None) -> StudyResult:
         """Analyse one study. ``volume`` may be pre-loaded (batch prefetch), or be loading in the
-        background (``preload``: its wait is the "load" stage, its own duration "load_read");
-        else it is read here."""
+        background (``preload``, a call of ``_read_timed``: its wait is the "load" stage, its own
+        duration "load_read"); else it is read here."""
         from pipeline.io.load import load_input
         from pipeline.measure.lesions import measure_lesions
         from pipeline.plan.engine import plan_study
@@ -114,8 +115,8 @@ class StudyRunner:
         input_path = Path(input_path)
         if volume is None and preload is not None:
             with timer.stage("load"):  # what the study waited for: the rest overlapped the model's start
-                volume = preload.result()
-            timer.timings["load_read"] = round(preload.seconds, 4)
+                volume, read_s = preload.result()
+            timer.timings["load_read"] = round(read_s, 4)
         elif volume is None:
             with timer.stage("load"):
                 volume = load_input(input_path, series_uid=opts.series_uid,
@@ -183,43 +184,23 @@ def run_study(input_path: Path, output_root: Path, options: StudyOptions | None 
     """
     if runner is not None:
         return runner.run(input_path, output_root, options)
+    from pipeline.report.background import BackgroundCall
+
     opts = options or StudyOptions()
-    preload = Preload(Path(input_path), opts.series_uid, load_inference_config(opts.inference_config))
+    max_voxels = load_inference_config(opts.inference_config).memory.max_input_voxels
+    preload = BackgroundCall(_read_timed, Path(input_path), opts.series_uid, max_voxels, name="osteoplan-preload")
+    preload.start()
     runner = StudyRunner(opts)  # should it fail, the process ends with its error; the read is a daemon
     return runner.run(input_path, output_root, opts, preload=preload)
 
 
-class Preload:
-    """``load_input`` of one study in a daemon thread; ``result()`` waits for it and returns the
-    Volume or raises its error. ``seconds``: how long the read itself took."""
+def _read_timed(input_path: Path, series_uid: str | None, max_voxels: int) -> tuple[Volume, float]:
+    """``load_input``, and how long it took (the preload's "load_read")."""
+    from pipeline.io.load import load_input
 
-    def __init__(self, input_path: Path, series_uid: str | None, config: InferenceConfig) -> None:
-        import threading
-
-        self.seconds = 0.0
-        self._volume: Volume | None = None
-        self._error: BaseException | None = None
-        self._args = (input_path, series_uid, config.memory.max_input_voxels)
-        self._thread = threading.Thread(target=self._load, name="osteoplan-preload", daemon=True)
-        self._thread.start()
-
-    def _load(self) -> None:
-        from pipeline.io.load import load_input
-
-        path, series_uid, max_voxels = self._args
-        t = time.perf_counter()
-        try:
-            self._volume = load_input(path, series_uid=series_uid, max_voxels=max_voxels)
-        except BaseException as exc:  # noqa: BLE001 - re-raised by result()
-            self._error = exc
-        self.seconds = time.perf_counter() - t
-
-    def result(self) -> Volume:
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        assert self._volume is not None
-        return self._volume
+    t = time.perf_counter()
+    volume = load_input(input_path, series_uid=series_uid, max_voxels=max_voxels)
+    return volume, time.perf_counter() - t
 
 
 def _safe_name(name: str) -> str:

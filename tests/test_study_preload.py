@@ -1,4 +1,4 @@
-"""run_study() without a runner reads the study while the runner starts (``Preload``)."""
+"""run_study() without a runner reads the study in a thread while the runner starts."""
 
 from __future__ import annotations
 
@@ -68,10 +68,14 @@ def test_a_runner_that_cannot_start_wins_over_the_read(monkeypatch, tmp_path):
 
 def test_preload_returns_the_volume_or_its_error(tmp_path):
     from pipeline.config import load_inference_config
+    from pipeline.report.background import BackgroundCall
 
-    config = load_inference_config(None)
-    good = study.Preload(SAMPLE, None, config)
-    assert good.result().geometry.shape[2] > 3 and good.seconds > 0
-    bad = study.Preload(tmp_path / "missing", None, config)
+    limit = load_inference_config(None).memory.max_input_voxels
+    good = BackgroundCall(study._read_timed, SAMPLE, None, limit)
+    good.start()
+    volume, seconds = good.result()
+    assert volume.geometry.shape[2] > 3 and seconds > 0
+    bad = BackgroundCall(study._read_timed, tmp_path / "missing", None, limit)
+    bad.start()
     with pytest.raises(InputError):
         bad.result()
