@@ -215,3 +215,32 @@ def multiframe_case(tmp: Path, kind: str = "FFS") -> Case:
     mf.save_as(folder / "enhanced.dcm")
     volume = load_input(folder)
     return _finish(volume, resample_nearest(labels, geom, volume.geometry), folder)
+
+
+def dataset_differences(a, b, fresh: set[str], path: str = "") -> list[str]:
+    """Where two DICOM datasets differ, element by element and into sequences; elements whose
+    keyword is in ``fresh`` (UIDs, times made anew by each build) are not compared. Pixel data:
+    the frames' bits only (a trailing pad byte is 00H here, 30H from highdicom 0.28)."""
+    out = []
+    ka, kb = {e.tag for e in a}, {e.tag for e in b}
+    if ka != kb:
+        out.append(f"{path}: elements differ {sorted(ka ^ kb)}")
+    for ea in a:
+        if ea.tag not in kb or ea.keyword in fresh:
+            continue
+        eb = b[ea.tag]
+        if ea.VR != eb.VR:
+            out.append(f"{path}{ea.keyword}: VR {ea.VR} != {eb.VR}")
+        elif ea.VR == "SQ":
+            if len(ea.value) != len(eb.value):
+                out.append(f"{path}{ea.keyword}: {len(ea.value)} != {len(eb.value)} items")
+                continue
+            for i, (ia, ib) in enumerate(zip(ea.value, eb.value)):
+                out += dataset_differences(ia, ib, fresh, f"{path}{ea.keyword}[{i}].")
+        elif ea.keyword == "PixelData":
+            nbytes = (int(a.Rows) * int(a.Columns) * int(a.NumberOfFrames) + 7) // 8
+            if len(ea.value) != len(eb.value) or ea.value[:nbytes] != eb.value[:nbytes]:
+                out.append(f"{path}PixelData differs")
+        elif ea.value != eb.value:
+            out.append(f"{path}{ea.keyword}: {str(ea.value)[:60]} != {str(eb.value)[:60]}")
+    return out

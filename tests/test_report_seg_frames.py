@@ -26,32 +26,8 @@ FRESH = {"SOPInstanceUID", "SeriesInstanceUID", "MediaStorageSOPInstanceUID", "I
          "ContributionDateTime"}
 
 
-def _differences(a: pydicom.Dataset, b: pydicom.Dataset, path: str = "") -> list[str]:
-    out = []
-    ka, kb = {e.tag for e in a}, {e.tag for e in b}
-    if ka != kb:
-        out.append(f"{path}: elements differ {sorted(ka ^ kb)}")
-    for ea in a:
-        if ea.tag not in kb or ea.keyword in FRESH:
-            continue
-        eb = b[ea.tag]
-        if ea.VR != eb.VR:
-            out.append(f"{path}{ea.keyword}: VR {ea.VR} != {eb.VR}")
-        elif ea.VR == "SQ":
-            if len(ea.value) != len(eb.value):
-                out.append(f"{path}{ea.keyword}: {len(ea.value)} != {len(eb.value)} items")
-                continue
-            for i, (ia, ib) in enumerate(zip(ea.value, eb.value)):
-                out += _differences(ia, ib, f"{path}{ea.keyword}[{i}].")
-        elif ea.keyword == "PixelData":
-            # the bits of every frame; a trailing pad byte (odd byte count) is 00H here, highdicom
-            # 0.28 pads with 30H ("0"): not pixel data either way
-            nbytes = (int(a.Rows) * int(a.Columns) * int(a.NumberOfFrames) + 7) // 8
-            if len(ea.value) != len(eb.value) or ea.value[:nbytes] != eb.value[:nbytes]:
-                out.append(f"{path}PixelData differs")
-        elif ea.value != eb.value:
-            out.append(f"{path}{ea.keyword}: {str(ea.value)[:60]} != {str(eb.value)[:60]}")
-    return out
+def _differences(a: pydicom.Dataset, b: pydicom.Dataset) -> list[str]:
+    return rh.dataset_differences(a, b, FRESH)
 
 
 def _both(tmp_path, case: rh.Case, seg: Segmentation) -> tuple[pydicom.Dataset, pydicom.Dataset, object, object]:

@@ -178,28 +178,6 @@ FRESH = {"SOPInstanceUID", "SeriesInstanceUID", "MediaStorageSOPInstanceUID", "C
          "InstanceCreationDate", "InstanceCreationTime", "ContributionDateTime", "UID"}  # UID: the groups' tracking UIDs (new each build)
 
 
-def _differences(a, b, path=""):
-    out = []
-    ta, tb = [e.tag for e in a], [e.tag for e in b]
-    if ta != tb:
-        out.append(f"{path}: elements differ {sorted(set(ta) ^ set(tb))} or their order")
-    for ea in a:
-        if ea.tag not in b or ea.keyword in FRESH:
-            continue
-        eb = b[ea.tag]
-        if ea.VR != eb.VR:
-            out.append(f"{path}{ea.keyword}: VR {ea.VR} != {eb.VR}")
-        elif ea.VR == "SQ":
-            if len(ea.value) != len(eb.value):
-                out.append(f"{path}{ea.keyword}: {len(ea.value)} != {len(eb.value)} items")
-                continue
-            for i, (ia, ib) in enumerate(zip(ea.value, eb.value)):
-                out += _differences(ia, ib, f"{path}{ea.keyword}[{i}].")
-        elif ea.value != eb.value:
-            out.append(f"{path}{ea.keyword}: {str(ea.value)[:60]} != {str(eb.value)[:60]}")
-    return out
-
-
 @pytest.mark.parametrize("lesions", ["all", "none"])
 def test_sr_built_around_a_skeleton_equals_highdicoms_own(written, monkeypatch, lesions):
     """build_sr gives highdicom's constructor a one-group report and then the real content; the
@@ -219,5 +197,5 @@ def test_sr_built_around_a_skeleton_equals_highdicoms_own(written, monkeypatch, 
         files[path] = tmp / f"sr-{path}-{lesions}.dcm"
         write_sr(files[path], case.volume, case.seg, seg_ds, rep, headers)
     a, b = (pydicom.dcmread(files[p]) for p in ("skeleton", "constructor"))
-    assert _differences(a, b) == []
+    assert rh.dataset_differences(a, b, FRESH) == []
     assert len(a.ContentSequence) == len(b.ContentSequence) > 1
